@@ -1,0 +1,1 @@
+"""Shared pieces of train.py, eval.py and tools/: one job per module."""
