@@ -36,7 +36,7 @@ import paddle.nn.functional as F
 __all__ = [
     'MaxViT', 'Max_Block', 'Window_Block', 'Grid_Block', 'MBConv', 'SE', 'Mlp', 'Rel_Attention',
     'Channel_Layernorm', 'DropPath', 'window_partition', 'window_reverse', 'grid_partition', 'grid_reverse',
-    'relative_position_index', 'check_args', 'create_model', 'MODEL_ARGS', 'TF_LAYOUT', 'DEFAULT_ARGS',
+    'relative_position_index', 'resize_relative_bias_table', 'check_args', 'create_model', 'MODEL_ARGS', 'TF_LAYOUT', 'DEFAULT_ARGS',
     'tiny_args', 'small_args', 'base_args', 'large_args', 'xlarge_args',
     'tiny_tf_args', 'small_tf_args', 'base_tf_args', 'large_tf_args', 'xlarge_tf_args',
 ]
@@ -331,6 +331,26 @@ def relative_position_index(size: Sequence[int]) -> paddle.Tensor:
     coords = paddle.stack([ys.flatten(), xs.flatten()])                 # (2, N)
     rel = coords.unsqueeze(2) - coords.unsqueeze(1)                    # (2, N, N): query - key
     return ((rel[0] + h - 1) * (2 * w - 1) + (rel[1] + w - 1)).flatten().astype('int64')
+
+
+def resize_relative_bias_table(table: paddle.Tensor, new_size: Sequence[int],
+                               old_size: Optional[Sequence[int]] = None) -> paddle.Tensor:
+    """Resize a ((2h-1)(2w-1), heads) bias table to another window size, bilinearly (align_corners=False),
+    as the official code does (tf.image.resize) when fine-tuning at a new resolution. ``old_size`` defaults
+    to the square window the table's row count implies."""
+    rows, heads = table.shape
+    if old_size is None:
+        side = math.isqrt(rows)
+        if side * side != rows:
+            raise ValueError(f'a bias table of {rows} rows is not from a square window; pass old_size')
+        old_size = ((side + 1) // 2, (side + 1) // 2)
+    old = [2 * s - 1 for s in old_size]
+    new = [2 * s - 1 for s in new_size]
+    if old == new:
+        return table
+    grid = table.astype('float32').transpose([1, 0]).reshape([1, heads, old[0], old[1]])
+    grid = F.interpolate(grid, size=new, mode='bilinear', align_corners=False)
+    return grid.reshape([heads, new[0] * new[1]]).transpose([1, 0]).astype(table.dtype)
 
 
 class Rel_Attention(nn.Layer):

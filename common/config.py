@@ -43,6 +43,7 @@ DEFAULTS: Dict[str, Dict[str, object]] = {
         'num_workers': 8,
         'interpolation': 'bicubic',
         'crop_pct': 0.95,                # eval: resize short side to img_size / crop_pct, center crop
+        'crop_mode': 'center',           # eval: 'center' (keep aspect, center crop) or 'squash' (resize to a square)
         'mean': [0.485, 0.456, 0.406],
         'std': [0.229, 0.224, 0.225],
         'scale': [0.08, 1.0],            # RandomResizedCrop area range
@@ -82,6 +83,7 @@ _CHOICES = {
     ('Global', 'eval_weights'): ('ema', 'raw'),
     ('Data', 'format'): ('folder', 'filelist'),
     ('Data', 'interpolation'): ('bilinear', 'bicubic', 'nearest'),
+    ('Data', 'crop_mode'): ('center', 'squash'),
     ('AMP', 'dtype'): ('bfloat16', 'float16'),
     ('AMP', 'level'): ('O1', 'O2'),
 }
