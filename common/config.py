@@ -32,7 +32,8 @@ DEFAULTS: Dict[str, Dict[str, object]] = {
     },
     'Model': dict(DEFAULT_ARGS),
     'Data': {
-        'format': 'folder',              # 'folder': ROOT/<class>/*.jpg; 'filelist': lines "relative/path label"
+        'format': 'folder',              # 'folder': ROOT/<class>/*.jpg; 'filelist': lines "relative/path label";
+                                         # 'shapes': the built-in quickstart data, written to the roots if missing
         'train_root': 'data/ILSVRC2012/train',
         'val_root': 'data/ILSVRC2012/val',
         'train_list': None,              # filelist format: list files, paths relative to *_root
@@ -81,7 +82,7 @@ DEFAULTS: Dict[str, Dict[str, object]] = {
 _CHOICES = {
     ('Global', 'device'): ('auto', 'gpu', 'cpu'),
     ('Global', 'eval_weights'): ('ema', 'raw'),
-    ('Data', 'format'): ('folder', 'filelist'),
+    ('Data', 'format'): ('folder', 'filelist', 'shapes'),
     ('Data', 'interpolation'): ('bilinear', 'bicubic', 'nearest'),
     ('Data', 'crop_mode'): ('center', 'squash'),
     ('AMP', 'dtype'): ('bfloat16', 'float16'),

@@ -1,0 +1,99 @@
+"""The optimizer side of the recipe: AdamW with decoupled weight decay on weights only, warmup + cosine
+learning rate per optimizer step, gradient clipping, and an EMA of the weights."""
+from __future__ import annotations
+
+import math
+import re
+from typing import Dict, Tuple
+
+import paddle
+
+
+def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak: float, min_lr: float) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup from peak/warmup_steps to peak,
+    then cosine decay from peak to min_lr at total_steps."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def no_weight_decay(name: str, param) -> bool:
+    """Biases, norm weights (every 1-D parameter) and relative position bias tables get no weight decay."""
+    return param.ndim <= 1 or name.endswith('relative_bias_table')
+
+
+def build_optimizer(model: paddle.nn.Layer, cfg: Dict, peak_lr: float, total_steps: int
+                    ) -> Tuple[paddle.optimizer.Optimizer, paddle.optimizer.lr.LRScheduler]:
+    o = cfg['Optimizer']
+    warmup, min_lr = o['warmup_steps'], min(o['min_lr'], peak_lr)
+    schedule = paddle.optimizer.lr.LambdaDecay(
+        1.0, lambda step: cosine_lr(step, total_steps, warmup, peak_lr, min_lr))
+    params = [(n, p) for n, p in model.named_parameters() if not p.stop_gradient]
+    decay_names = {p.name for n, p in params if not no_weight_decay(n, p)}
+    optimizer = paddle.optimizer.AdamW(
+        learning_rate=schedule, beta1=o['beta1'], beta2=o['beta2'], epsilon=o['epsilon'],
+        parameters=[p for _, p in params], weight_decay=o['weight_decay'],
+        apply_decay_param_fun=lambda name: name in decay_names,
+        grad_clip=paddle.nn.ClipGradByGlobalNorm(o['clip_grad']) if o['clip_grad'] > 0 else None,
+        multi_precision=cfg['AMP']['enable'] and cfg['AMP']['level'] == 'O2')
+    return optimizer, schedule
+
+
+class ModelEma:
+    """Exponential moving average of every float tensor of the model's state (BatchNorm statistics included),
+    kept in float32. As TensorFlow's ExponentialMovingAverage(num_updates=...) in the official code, the decay
+    warms up: min(decay, (1 + n) / (10 + n)) after n updates, so short runs get a useful average too."""
+
+    def __init__(self, model: paddle.nn.Layer, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.state = {k: v.astype('float32').clone() for k, v in model.state_dict().items()}
+
+    @paddle.no_grad()
+    def update(self, model: paddle.nn.Layer) -> None:
+        self.updates += 1
+        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        for k, v in model.state_dict().items():
+            self.state[k] = self.state[k] * d + v.astype('float32') * (1.0 - d)
+
+    def state_dict(self) -> Dict:
+        return {'decay': self.decay, 'updates': self.updates, 'state': {k: v.numpy() for k, v in self.state.items()}}
+
+    def set_state_dict(self, saved: Dict) -> None:
+        self.updates = saved['updates']
+        self.state = {k: paddle.to_tensor(v) for k, v in saved['state'].items()}
+
+
+# Paddle keys optimizer state by its internal parameter names ('conv2d_54.w_0_moment1_0'), which depend on how
+# many layers the process created before the model. Checkpoints use the model's own names instead
+# ('max_blocks.0.0.mbconv.expand_conv.0.weight@moment1_0'), so they resume in any process.
+_PARAM_KEY = re.compile(r'^(.+?\.[wb]_\d+)_(.+)$')
+
+
+def optimizer_state(optimizer, model) -> Dict:
+    """optimizer.state_dict() with parameter names made structural."""
+    names = {p.name: n for n, p in model.named_parameters()}
+    out = {}
+    for key, value in optimizer.state_dict().items():
+        if key == 'master_weights':
+            out[key] = {names[k]: v for k, v in value.items()}
+            continue
+        m = _PARAM_KEY.match(key)
+        out[f'{names[m.group(1)]}@{m.group(2)}' if m and m.group(1) in names else key] = value
+    return out
+
+
+def load_optimizer_state(optimizer, model, state: Dict) -> None:
+    """Inverse of optimizer_state."""
+    names = {n: p.name for n, p in model.named_parameters()}
+    restored = {}
+    for key, value in state.items():
+        if key == 'master_weights':
+            restored[key] = {names[k]: v for k, v in value.items()}
+        elif '@' in key:
+            structured, suffix = key.split('@', 1)
+            restored[f'{names[structured]}_{suffix}'] = value
+        else:
+            restored[key] = value
+    optimizer.set_state_dict(restored)

@@ -1,0 +1,243 @@
+"""train.py / eval.py: real runs of a tiny MaxViT on real image files."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+
+import eval as eval_py
+import train
+from common.checkpoint import load_checkpoint, load_file
+from common.config import ConfigError, load_config
+from common.data import DataError, Mixup
+from common.optim import build_optimizer, cosine_lr, no_weight_decay
+from maxvit import MaxViT, tiny_args
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_loss_falls_on_shapes(train_args):
+    out = train.main(train_args('Global.epochs=10', 'Data.randaugment_ops=0', 'Data.label_smoothing=0.0',
+                                'Model.drop_path=0.0', 'Optimizer.lr=1e-3'))
+    h = out['history']
+    assert len(h) == 10 * 7  # 120 images // batch 16 = 7 steps per epoch
+    first, last = np.mean(h[:7]), np.mean(h[-7:])
+    assert first > 2.2 and last < first - 0.3, (first, last)  # measured: 2.31 -> 1.83
+
+
+def test_resume_is_bit_identical(train_args, tmp_path):
+    common = ['Global.epochs=2', 'Global.save_epoch_freq=1', 'Data.mixup=0.8', 'Data.cutmix=1.0']
+    straight = train.main(train_args(*common, output=tmp_path / 'straight'))
+    # Continue from the checkpoint written after epoch 1, in another folder: the same final weights, bit for bit.
+    resumed = train.main(train_args(*common, f'Global.resume={tmp_path / "straight" / "epoch_1"}',
+                                    output=tmp_path / 'resumed'))
+    assert resumed['step'] == straight['step'] == 14
+    a, _, sa = load_checkpoint(str(tmp_path / 'straight' / 'latest'))
+    b, _, sb = load_checkpoint(str(tmp_path / 'resumed' / 'latest'))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    for k in sa['ema']['state']:
+        np.testing.assert_array_equal(sa['ema']['state'][k], sb['ema']['state'][k], err_msg=k)
+    # ... and the resumed run's second epoch was real training, not a copy
+    first, _, _ = load_checkpoint(str(tmp_path / 'straight' / 'epoch_1'))
+    assert any(not np.array_equal(first[k], b[k]) for k in b)
+
+
+def test_checkpoint_holds_everything_to_continue(train_args, tmp_path):
+    train.main(train_args('Global.epochs=1', 'AMP.enable=true', 'AMP.dtype=float16'))
+    model, opt, states = load_checkpoint(str(tmp_path / 'out' / 'latest'))
+    assert 'LR_Scheduler' in opt
+    assert 'max_blocks.0.0.block_attn.attn.qkv.weight@moment1_0' in opt  # keyed by the model's own names
+    assert {'epoch', 'step', 'best', 'ema', 'scaler', 'rng', 'config', 'class_names'} <= set(states)
+    assert states['epoch'] == 1 and states['step'] == 7 and len(states['class_names']) == 10
+    # fp16 loss scaling: Paddle's CPU build disables GradScaler (its state is {}); on GPU it holds the scale.
+    assert states['scaler'] == paddle.amp.GradScaler(enable=True).state_dict()
+    assert (tmp_path / 'out' / 'best.pdparams').exists() and (tmp_path / 'out' / 'train.log').exists()
+
+
+@pytest.mark.parametrize('level', ['O1', 'O2'])
+def test_amp_bf16_runs_on_cpu(train_args, level):
+    # On the CPU build AMP is plumbing only (parameters and outputs stay float32; reference.md, section 4):
+    # this proves auto_cast, decorate, GradScaler and checkpointing run, not reduced-precision arithmetic.
+    out = train.main(train_args('Global.epochs=1', 'AMP.enable=true', 'AMP.dtype=bfloat16', f'AMP.level={level}'))
+    assert all(math.isfinite(x) for x in out['history']) and len(out['history']) == 7
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(train_args, tmp_path, monkeypatch):
+    real_build = train.build_model
+    calls = {'n': 0}
+
+    def poisoned(cfg):
+        model = real_build(cfg)
+        forward = model.forward
+
+        def nan_after_nine(x):  # training forwards 1-9 are fine, the 10th gives NaN
+            calls['n'] += model.training
+            y = forward(x)
+            return y * float('nan') if calls['n'] > 9 and model.training else y
+        model.forward = nan_after_nine
+        return model
+    monkeypatch.setattr(train, 'build_model', poisoned)
+    with pytest.raises(FloatingPointError, match=r'loss is nan at epoch 2, optimizer step 10'):
+        train.main(train_args('Global.epochs=3'))
+    _, _, states = load_checkpoint(str(tmp_path / 'out' / 'latest'))
+    assert states['epoch'] == 1 and states['step'] == 7
+
+
+def test_killed_run_leaves_a_loadable_checkpoint_and_resumes(train_args, tmp_path):
+    out = tmp_path / 'killed'
+    args = train_args('Global.epochs=30', output=out)
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'train.py')] + args, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / 'latest.pdstates').exists() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.5)  # well into a later epoch, possibly mid-save
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    _, _, states = load_checkpoint(str(out / 'latest'))
+    done = states['epoch']
+    assert 1 <= done < 30
+    result = train.main(train_args(f'Global.epochs={done + 1}', 'Global.resume=auto', output=out))
+    assert result['step'] == 7 * (done + 1)
+
+
+def test_two_process_cpu_run(train_args, tmp_path):
+    out = tmp_path / 'dist'
+    args = train_args('Global.epochs=1', 'Optimizer.global_batch_size=64', output=out)
+    log_dir = tmp_path / 'launch_log'
+    result = subprocess.run([sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2',
+                             '--log_dir', str(log_dir), str(ROOT / 'train.py')] + args,
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    logs = {p.name: p.read_text() for p in log_dir.glob('workerlog.*')}
+    assert result.returncode == 0, result.stderr[-2000:] + ''.join(logs.values())[-3000:]
+    text = (out / 'train.log').read_text()
+    # 64 images per optimizer step = 16 per process x 2 processes x 2 accumulation steps
+    assert 'global batch 64 = 16 x 2 processes x 2 accumulation; 1 steps/epoch' in text
+    assert 'epoch 1 eval (raw)' in text and '(40 images,' in text  # every val image once across both ranks
+    assert (out / 'latest.pdparams').exists()
+    assert 'epoch 1/1' not in logs.get('workerlog.1', '')  # only rank 0 logs
+
+
+def test_missing_dataset_names_the_path_and_the_readme(train_args, tmp_path):
+    with pytest.raises(DataError, match=r'dataset folder not found: .*nowhere.*README.md, section "Preparing data"'):
+        train.main(train_args(f'Data.train_root={tmp_path / "nowhere"}'))
+    with pytest.raises(DataError, match=r'file list not found: .*train.txt'):
+        train.main(train_args('Data.format=filelist', f'Data.train_list={tmp_path / "train.txt"}'))
+
+
+def test_corrupt_image_is_reported_once_and_skipped(train_args, shapes, copy_of, tmp_path):
+    root = copy_of(shapes[0], 'train_bad')
+    bad = root / 'circle' / '0003.png'
+    bad.write_bytes(b'not a png at all')
+    out = train.main(train_args(f'Data.train_root={root}', 'Global.epochs=2'))
+    assert len(out['history']) == 14
+    log = (tmp_path / 'out' / 'train.log').read_text()
+    assert log.count(f'skipped unreadable image {bad}: UnidentifiedImageError') == 1
+    assert '1 unreadable training images skipped so far' in log
+
+
+def test_file_list_format(train_args, shapes, tmp_path):
+    train_root, val_root = shapes
+    for split, root in (('train', train_root), ('val', val_root)):
+        classes = sorted(os.listdir(root))
+        lines = [f'{c}/{f} {i}' for i, c in enumerate(classes) for f in sorted(os.listdir(Path(root) / c))]
+        (tmp_path / f'{split}.txt').write_text('\n'.join(lines))
+    (tmp_path / 'labels.txt').write_text('\n'.join(sorted(os.listdir(train_root))))
+    train.main(train_args('Data.format=filelist', f'Data.train_list={tmp_path / "train.txt"}',
+                          f'Data.val_list={tmp_path / "val.txt"}', f'Data.label_names={tmp_path / "labels.txt"}',
+                          'Global.epochs=1'))
+    _, _, states = load_checkpoint(str(tmp_path / 'out' / 'latest'))
+    assert states['class_names'] == sorted(os.listdir(train_root))
+
+
+def test_wrong_num_classes_is_a_clear_error(train_args):
+    with pytest.raises(ConfigError, match='Model.num_classes is 7 but .* has 10 classes'):
+        train.main(train_args('Model.num_classes=7'))
+
+
+def test_finetune_new_classes_and_new_window(train_args, tmp_path):
+    src = MaxViT(dict(tiny_args, stage_num_block=[1, 1, 1, 1], stem_dim=8, stage_dim=16, num_heads=1,
+                      block_size=[3, 3], grid_size=[3, 3], num_classes=1000))
+    paddle.save(src.state_dict(), str(tmp_path / 'src.pdparams'))
+    train.main(train_args(f'Global.pretrained_model={tmp_path / "src.pdparams"}', 'Global.epochs=1',
+                          'Optimizer.lr=0.0', 'Optimizer.min_lr=0.0'))
+    log = (tmp_path / 'out' / 'train.log').read_text()
+    assert 'new classifier (not loaded): proj.weight, proj.bias' in log
+    assert 'bias tables resized to the new window: 8' in log
+
+
+def test_eval_py_reports_metrics_for_raw_and_ema(train_args, tmp_path, capsys):
+    train.main(train_args('Global.epochs=1'))
+    ckpt = tmp_path / 'out' / 'latest'
+    raw = eval_py.main(train_args(f'Global.pretrained_model={ckpt}', 'Global.eval_weights=raw'))
+    ema = eval_py.main(train_args(f'Global.pretrained_model={ckpt}'))
+    assert raw['images'] == ema['images'] == 40
+    assert {'top1', 'top5', 'loss', 'images_per_sec'} <= set(raw)
+    _, _, states = load_checkpoint(str(ckpt))
+    assert raw['top1'] == pytest.approx(states['metrics']['raw']['top1'])
+    assert ema['top1'] == pytest.approx(states['metrics']['ema']['top1'])
+    assert 'EMA weights' in capsys.readouterr().out
+
+
+def test_lr_schedule_matches_its_formula():
+    peak, low, warm, total = 3e-3, 1e-5, 10, 100
+    for s in range(total):
+        expected = peak * (s + 1) / warm if s < warm else \
+            low + (peak - low) * 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
+        assert cosine_lr(s, total, warm, peak, low) == pytest.approx(expected, rel=1e-12)
+    assert cosine_lr(warm - 1, total, warm, peak, low) == pytest.approx(peak)
+    assert cosine_lr(total, total, warm, peak, low) == pytest.approx(low)
+    # the optimizer follows it step by step
+    cfg = load_config(None, ['Optimizer.warmup_steps=10', 'Optimizer.min_lr=1e-5'])
+    model = MaxViT(dict(tiny_args, stage_num_block=[1, 1, 1, 1], stem_dim=8, stage_dim=16, num_heads=1))
+    optimizer, schedule = build_optimizer(model, cfg, peak, total)
+    for s in range(total):
+        assert optimizer.get_lr() == pytest.approx(cosine_lr(s, total, warm, peak, low), rel=1e-9)
+        schedule.step()
+
+
+def test_weight_decay_skips_biases_norms_and_bias_tables():
+    model = MaxViT(dict(tiny_args, stage_num_block=[1, 1, 1, 1], stem_dim=8, stage_dim=16, num_heads=1))
+    decayed = {n for n, p in model.named_parameters() if not p.stop_gradient and not no_weight_decay(n, p)}
+    assert decayed and all(model.state_dict()[n].ndim >= 2 for n in decayed)
+    assert not any(n.endswith(('bias', 'relative_bias_table')) or '.norm' in n for n in decayed)
+    assert 'max_blocks.0.0.block_attn.attn.qkv.weight' in decayed
+
+
+@pytest.mark.parametrize('mixup, cutmix', [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_mixup_cutmix_targets_sum_to_one(mixup, cutmix):
+    mix = Mixup(mixup, cutmix, prob=1.0, smoothing=0.1, num_classes=5, seed=0)
+    images = paddle.rand([8, 3, 16, 16])
+    labels = paddle.to_tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    for _ in range(5):
+        mixed, targets = mix(images, labels)
+        np.testing.assert_allclose(targets.sum(-1).numpy(), 1.0, rtol=1e-6)
+        lam = float(targets[0, 0] - 0.1 / 5) / 0.9 + 0.0  # share of sample 0's own label (0; sample 7 is 2)
+        if cutmix and not mixup:
+            kept = float((mixed[0] == images[0]).astype('float32').mean())
+            assert lam == pytest.approx(kept, abs=0.02)  # CutMix: the label share is the area kept
+        if mixup and not cutmix:
+            np.testing.assert_allclose(mixed[0].numpy(), lam * images[0].numpy() + (1 - lam) * images[7].numpy(),
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_visualdl_logs_train_and_eval_scalars(train_args, tmp_path):
+    from visualdl import LogReader
+    train.main(train_args('Global.epochs=2', 'Global.use_visualdl=true'))
+    (log_file,) = (tmp_path / 'out' / 'vdl').glob('vdlrecords.*')
+    reader = LogReader(file_path=str(log_file))
+    tags = set(reader.get_tags()['scalar'])
+    assert {'train/loss', 'train/lr', 'train/images_per_sec'} <= tags
+    assert {f'eval_{w}/{m}' for w in ('raw', 'ema') for m in ('top1', 'top5', 'loss')} <= tags
+    assert [r.id for r in reader.get_data('scalar', 'train/loss')] == list(range(1, 15))  # every step (print_freq 1)
+    assert [r.id for r in reader.get_data('scalar', 'eval_ema/top1')] == [1, 2]            # every epoch
