@@ -42,6 +42,7 @@ DEFAULTS: Dict[str, Dict[str, object]] = {
         'img_size': 224,
         'batch_size': 64,                # per device (process)
         'num_workers': 8,
+        'use_shared_memory': True,       # faster worker -> trainer transfer; false where /dev/shm is small (Docker)
         'interpolation': 'bicubic',
         'crop_pct': 0.95,                # eval: resize short side to img_size / crop_pct, center crop
         'crop_mode': 'center',           # eval: 'center' (keep aspect, center crop) or 'squash' (resize to a square)

@@ -211,7 +211,7 @@ def build_loader(dataset: ImageDataset, cfg: Dict, train: bool, rank: int = 0,
         sampler = paddle.io.BatchSampler(sampler=ShardSampler(len(dataset), rank, world_size),
                                          batch_size=batch_size, drop_last=False)
     return paddle.io.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg['Data']['num_workers'],
-                                collate_fn=collate, use_shared_memory=False)
+                                collate_fn=collate, use_shared_memory=cfg['Data']['use_shared_memory'])
 
 
 # ------------------------------------------------------------------------------------------------ Mixup / CutMix
