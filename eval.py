@@ -19,7 +19,7 @@ import paddle.nn.functional as F
 
 from common.checkpoint import CheckpointError, load_pretrained
 from common.config import ConfigError, add_config_args, build_model, load_config
-from common.data import DataError, SkipReport, build_dataset, build_loader
+from common.data import DataError, SkipReport, batch_is_empty, build_dataset, build_loader
 from common.device import setup
 
 
@@ -32,7 +32,7 @@ def evaluate(model, loader, world_size: int = 1, amp=None, report_skipped=None) 
     for images, labels, _, bad in loader:
         if report_skipped:
             report_skipped(bad)
-        if labels.shape[0] == 0:
+        if batch_is_empty(labels):
             continue
         ctx = paddle.amp.auto_cast(level=amp['level'], dtype=amp['dtype']) if amp and amp['enable'] else nullcontext()
         with ctx:

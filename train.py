@@ -28,7 +28,7 @@ import yaml
 from common.checkpoint import (CheckpointError, copy_checkpoint, load_checkpoint, load_pretrained, resolve_prefix,
                                save_checkpoint)
 from common.config import ConfigError, add_config_args, build_model, load_config
-from common.data import DataError, Mixup, SkipReport, build_dataset, build_loader
+from common.data import DataError, Mixup, SkipReport, batch_is_empty, build_dataset, build_loader
 from common.device import peak_memory_gb, setup
 from common.logger import Logger, eta
 from common.optim import ModelEma, build_optimizer, load_optimizer_state, optimizer_state
@@ -138,6 +138,8 @@ def main(argv=None) -> dict:
             skipped(bad)
             if epoch_step == steps_per_epoch:
                 break
+            if batch_is_empty(labels):
+                continue
             images, targets = mixup(images, labels)
             last_micro = (micro + 1) % accum == 0
             # gradients are all-reduced only on the last micro-batch of an accumulation

@@ -8,7 +8,7 @@ Layouts on disk (README, "Preparing data"):
 
 Augmentation is deterministic given (seed, epoch, sample index): each sample seeds Python's and NumPy's RNGs
 itself, so results do not depend on the number of workers and a resumed run sees the same images.
-A corrupt or unreadable image is dropped from its batch; the loader reports which ones (see collate).
+A corrupt or unreadable image is dropped from its batch; the loader reports which ones (ImageDataset.collate).
 """
 from __future__ import annotations
 
@@ -126,6 +126,18 @@ class ImageDataset(paddle.io.Dataset):
         np.random.seed(seed)
         return self.transform(img), np.int64(self.samples[index][1]), np.int64(index)
 
+    def collate(self, items):
+        """Stack the readable samples of a batch -> (images, labels, indices, unreadable): ``unreadable`` has one
+        entry per sample, the dataset index of an unreadable one or -1. No array is ever empty (Paddle's
+        shared-memory transfer from workers cannot carry zero-size arrays): a batch without one readable image
+        is a single placeholder with label -1, which the loops skip (batch_is_empty)."""
+        good = [it for it in items if it[0] is not None]
+        unreadable = np.array([-1 if it[0] is not None else it[2] for it in items], 'int64')
+        if not good:
+            return np.zeros([1, 3, 1, 1], 'float32'), np.array([-1]), np.array([-1]), unreadable
+        return (np.stack([g[0] for g in good]), np.array([g[1] for g in good], 'int64'),
+                np.array([g[2] for g in good], 'int64'), unreadable)
+
     def failure_reason(self, index: int) -> str:
         try:
             self.load(index)
@@ -177,13 +189,9 @@ def build_dataset(cfg: Dict, split: str) -> ImageDataset:
     return ImageDataset(samples, names, build_transform(cfg, split == 'train'), seed=cfg['Global']['seed'])
 
 
-def collate(items):
-    """Stack the readable samples; also return the dataset indices of the ones that could not be read."""
-    good = [it for it in items if it[0] is not None]
-    bad = [it[2] for it in items if it[0] is None]
-    images = np.stack([g[0] for g in good]) if good else np.zeros([0, 3, 1, 1], 'float32')
-    labels = np.array([g[1] for g in good], 'int64')
-    return images, labels, np.array([g[2] for g in good], 'int64'), np.array(bad, 'int64')
+def batch_is_empty(labels) -> bool:
+    """True for the placeholder of a batch in which no image could be read (see ImageDataset.collate)."""
+    return int(labels[0]) < 0
 
 
 class ShardSampler(paddle.io.Sampler):
@@ -211,7 +219,7 @@ def build_loader(dataset: ImageDataset, cfg: Dict, train: bool, rank: int = 0,
         sampler = paddle.io.BatchSampler(sampler=ShardSampler(len(dataset), rank, world_size),
                                          batch_size=batch_size, drop_last=False)
     return paddle.io.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg['Data']['num_workers'],
-                                collate_fn=collate, use_shared_memory=cfg['Data']['use_shared_memory'])
+                                collate_fn=dataset.collate, use_shared_memory=cfg['Data']['use_shared_memory'])
 
 
 # ------------------------------------------------------------------------------------------------ Mixup / CutMix
@@ -332,9 +340,9 @@ class SkipReport:
     def __init__(self, dataset: ImageDataset, log):
         self.dataset, self.log, self.seen = dataset, log, set()
 
-    def __call__(self, bad_indices) -> None:
-        for index in np.asarray(bad_indices).reshape(-1).tolist():
-            if index not in self.seen:
+    def __call__(self, unreadable) -> None:
+        for index in np.asarray(unreadable).reshape(-1).tolist():
+            if index >= 0 and index not in self.seen:
                 self.seen.add(index)
                 self.log(f'skipped unreadable image {self.dataset.samples[index][0]}: '
                          f'{self.dataset.failure_reason(index)}')

@@ -139,7 +139,9 @@ def test_corrupt_image_is_reported_once_and_skipped(train_args, shapes, copy_of,
     root = copy_of(shapes[0], 'train_bad')
     bad = root / 'circle' / '0003.png'
     bad.write_bytes(b'not a png at all')
-    out = train.main(train_args(f'Data.train_root={root}', 'Global.epochs=2'))
+    # with worker processes and shared memory, as real runs use them
+    out = train.main(train_args(f'Data.train_root={root}', 'Global.epochs=2', 'Data.num_workers=2',
+                                'Data.use_shared_memory=true'))
     assert len(out['history']) == 14
     log = (tmp_path / 'out' / 'train.log').read_text()
     assert log.count(f'skipped unreadable image {bad}: UnidentifiedImageError') == 1
@@ -241,3 +243,12 @@ def test_visualdl_logs_train_and_eval_scalars(train_args, tmp_path):
     assert {f'eval_{w}/{m}' for w in ('raw', 'ema') for m in ('top1', 'top5', 'loss')} <= tags
     assert [r.id for r in reader.get_data('scalar', 'train/loss')] == list(range(1, 15))  # every step (print_freq 1)
     assert [r.id for r in reader.get_data('scalar', 'eval_ema/top1')] == [1, 2]            # every epoch
+
+
+def test_batches_without_a_readable_image_are_skipped(train_args, shapes, copy_of, tmp_path):
+    root = copy_of(shapes[0], 'train_all_bad')
+    for f in root.rglob('*.png'):
+        f.write_bytes(b'garbage')
+    out = train.main(train_args(f'Data.train_root={root}', 'Data.num_workers=2'))
+    assert out['history'] == []
+    assert '120 unreadable training images skipped so far' in (tmp_path / 'out' / 'train.log').read_text()
