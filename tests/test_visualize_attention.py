@@ -1,0 +1,189 @@
+"""tools/visualize_attention.py: the plotted weights are the model's real attention of the query, on the right
+positions, and the PNG is drawn.
+
+The reference below is independent of the tool and of the model's partition code: numpy LayerNorm, qkv, a
+per-key relative-bias lookup and softmax over the query's real keys, from the block's own parameters and the
+input the block received in the same forward pass (as tests/test_model.py::reference_attention does)."""
+import random
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+from PIL import Image
+
+from common.config import build_model, load_config
+from common.data import render_shape
+from maxvit import Grid_Block
+from tools import visualize_attention as va
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The quickstart model (block/grid 3x3) with 2 heads of 16 channels at stage 0.
+OVERRIDES = ['Model.num_heads=2', 'Model.drop_path=0.0']
+
+
+def small_model():
+    paddle.seed(0)
+    model = build_model(load_config(str(ROOT / 'configs' / 'quickstart.yaml'), OVERRIDES))
+    model.eval()
+    # Freshly initialised attention is almost uniform (weights ~N(0, 0.02)); make it peaked so that a weight
+    # put on the wrong key cannot go unnoticed.
+    rng = np.random.RandomState(0)
+    for stage in model.max_blocks:
+        for block in stage:
+            for layer in (block.block_attn, block.grid_attn):
+                attn = layer.attn
+                attn.relative_bias_table.set_value(rng.randn(*attn.relative_bias_table.shape).astype('float32'))
+                attn.qkv.weight.set_value((0.3 * rng.randn(*attn.qkv.weight.shape)).astype('float32'))
+    return model
+
+
+def reference_row(layer, x, r, c):
+    """(heads, H, W) softmax weights of query (r, c) in a Window_Block/Grid_Block whose input is x (H, W, C)."""
+    H, W, C = x.shape
+    ph, pw = layer.partition_size
+    Hp, Wp = -(-H // ph) * ph, -(-W // pw) * pw
+    norm = layer.norm1
+    xn = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + norm._epsilon)
+    xn = xn * norm.weight.numpy() + norm.bias.numpy()
+    attn = layer.attn
+    heads = attn.num_heads
+    qkv = (xn.reshape(-1, C) @ attn.qkv.weight.numpy() + attn.qkv.bias.numpy()).reshape(H, W, 3, heads, -1)
+    table = attn.relative_bias_table.numpy()
+    grid = isinstance(layer, Grid_Block)
+
+    def cell(y, x_):  # (which window, position inside it)
+        if grid:   # grid-mates: the same remainder modulo the spacing Hp/g0, Wp/g1
+            return (y % (Hp // ph), x_ % (Wp // pw)), (y // (Hp // ph), x_ // (Wp // pw))
+        return (y // ph, x_ // pw), (y % ph, x_ % pw)
+
+    window, (qi, qj) = cell(r, c)
+    out = np.zeros((heads, H, W))
+    keys = [(ky, kx) for ky in range(H) for kx in range(W) if cell(ky, kx)[0] == window]
+    logits = np.zeros((heads, len(keys)))
+    for n, (ky, kx) in enumerate(keys):
+        _, (ki, kj) = cell(ky, kx)
+        row = (qi - ki + ph - 1) * (2 * pw - 1) + (qj - kj + pw - 1)
+        logits[:, n] = (qkv[r, c, 0] * qkv[ky, kx, 1]).sum(-1) * attn.scale + table[row]
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    for n, (ky, kx) in enumerate(keys):
+        out[:, ky, kx] = p[:, n]
+    return out
+
+
+def run(model, hw, query, stage=0, block=0):
+    """attention_maps on a random image, and the inputs the two attention blocks got in that same forward."""
+    seen = {}
+    mb = model.max_blocks[stage][block]
+    hooks = [mb.block_attn.register_forward_pre_hook(lambda l, i: seen.__setitem__('block', i[0].numpy()[0])),
+             mb.grid_attn.register_forward_pre_hook(lambda l, i: seen.__setitem__('grid', i[0].numpy()[0]))]
+    paddle.seed(1)
+    try:
+        maps = va.attention_maps(model, paddle.randn([1, 3, *hw]), query, stage, block)
+    finally:
+        for h in hooks:
+            h.remove()
+    return maps, seen
+
+
+# (input size, query pixel, stage): a divisible map (12x12, 3x3 windows); a padded non-square one (10x13 -> 12x15)
+# with the query at cell (9, 8), whose window (rows 10-11 padded) and grid-mates (spaced 4x5: column 13 padded)
+# both hold padded keys; and stage 1 (5x7 -> 6x9, 2 x 2 heads).
+CASES = [((48, 48), (20, 28), 0), ((40, 52), (38, 33), 0), ((40, 52), (3, 30), 1)]
+
+
+@pytest.mark.parametrize('hw, query, stage', CASES)
+def test_plotted_weights_are_the_models_attention(hw, query, stage):
+    model = small_model()
+    maps, seen = run(model, hw, query, stage)
+    mb = model.max_blocks[stage][0]
+    H, W = seen['block'].shape[:2]
+    assert maps['map_size'] == (H, W)
+    r, c = maps['query']
+    assert (r, c) == (query[0] * H // hw[0], query[1] * W // hw[1])
+    for kind, layer in (('block', mb.block_attn), ('grid', mb.grid_attn)):
+        ref = reference_row(layer, seen[kind], r, c)
+        assert maps[kind].shape == ref.shape == (2 * 2 ** stage, H, W)
+        np.testing.assert_allclose(maps[kind], ref, atol=2e-6, err_msg=kind)
+        assert ref.max() > 1.5 / (ref[0] > 0).sum()          # peaked: a misplaced weight would show
+        np.testing.assert_allclose(maps[kind].sum((1, 2)), 1.0, atol=1e-5)
+        # padded keys: masked (Paddle's softmax floors exp(x - max) at exp(-64) = 1.6e-28, so not exactly 0)
+        assert 0.0 <= maps['padded_mass'][kind] < 1e-20
+
+
+@pytest.mark.parametrize('hw, query, stage', CASES)
+def test_weights_sit_on_the_window_and_the_grid_mates(hw, query, stage):
+    model = small_model()
+    maps, _ = run(model, hw, query, stage)
+    H, W = maps['map_size']
+    r, c = maps['query']
+    Hp, Wp = -(-H // 3) * 3, -(-W // 3) * 3                   # padded to the 3x3 window / grid
+    ys, xs = np.mgrid[:H, :W]
+    window = (ys // 3 == r // 3) & (xs // 3 == c // 3)
+    mates = (ys % (Hp // 3) == r % (Hp // 3)) & (xs % (Wp // 3) == c % (Wp // 3))   # spaced Hp/3, Wp/3 apart
+    np.testing.assert_array_equal(maps['support']['block'], window)
+    np.testing.assert_array_equal(maps['support']['grid'], mates)
+    np.testing.assert_array_equal(maps['block'] > 0, np.broadcast_to(window, maps['block'].shape))
+    np.testing.assert_array_equal(maps['grid'] > 0, np.broadcast_to(mates, maps['grid'].shape))
+    if query == (38, 33):                                       # keys of both fall on padding
+        assert (window.sum(), mates.sum()) == (3, 6)
+
+
+@pytest.mark.parametrize('hw, query, stage', CASES[:2])
+def test_block_then_grid_is_the_product_summed_over_grid_mates(hw, query, stage):
+    model = small_model()
+    maps, seen = run(model, hw, query, stage)
+    mb = model.max_blocks[stage][0]
+    H, W = maps['map_size']
+    heads = maps['heads']
+    expected = np.zeros((heads, H, W))
+    union = np.zeros((H, W), bool)
+    ys, xs = np.mgrid[:H, :W]
+    for gy, gx in zip(*np.nonzero(maps['support']['grid'])):
+        block = reference_row(mb.block_attn, seen['block'], gy, gx)        # (heads, H, W) of grid-mate g
+        expected += maps['grid'][:, gy, gx, None, None] * block.mean(0)[None]
+        union |= (ys // 3 == gy // 3) & (xs // 3 == gx // 3)               # its 3x3 window
+    np.testing.assert_allclose(maps['combined'], expected, atol=2e-6)
+    np.testing.assert_array_equal(maps['support']['combined'], union)
+    np.testing.assert_array_equal(maps['combined'] > 0, np.broadcast_to(union, maps['combined'].shape))
+    np.testing.assert_allclose(maps['combined'].sum((1, 2)), 1.0, atol=1e-5)
+    if (H, W) == (12, 12):
+        assert union.sum() == 81                                            # 9 grid-mates x 9 keys
+
+
+def test_command_line_writes_the_picture(tmp_path):
+    image = tmp_path / 'star.png'
+    render_shape('star', random.Random(0), 64).save(image)
+    out = tmp_path / 'pictures' / 'attention.png'
+    model_overrides = sum((['-o', o] for o in OVERRIDES), [])
+    res = va.main(['-c', str(ROOT / 'configs' / 'quickstart.yaml'), *model_overrides, '--image', str(image),
+                   '--query', '20', '28', '--stage', '1', '--panel', '96', '--out', str(out)])
+    with Image.open(out) as png:
+        assert png.format == 'PNG'
+        size = png.size
+        pixels = np.asarray(png.convert('RGB')).astype(int)
+    heads = 4                                                  # stage 1: 2 x 2 heads
+    panel = 96                                                 # 48x48 model input (Data.img_size), square panels
+    assert size == res['size'] == (4 * panel + 5 * va.PAD, va.HEADER + heads * (va.LABEL + panel + va.PAD) + va.PAD)
+    assert res['map_size'] == (6, 6) and res['query'] == (20 * 6 // 48, 28 * 6 // 48)
+    assert res['weights'].startswith('random weights')
+    # the block-attention panel of the first head: coloured on the query's window, gray elsewhere
+    x0, y0, cell = 2 * va.PAD + panel, va.HEADER + va.LABEL, panel // 6
+    for r in range(6):
+        for c in range(6):
+            rgb = pixels[y0 + r * cell + cell // 2, x0 + c * cell + cell // 2]
+            gray = rgb.max() - rgb.min() <= 1
+            assert gray != res['support']['block'][r, c], (r, c, rgb)
+
+
+def test_bad_stage_block_and_query_say_what_is_valid():
+    model = small_model()
+    image = paddle.zeros([1, 3, 48, 48])
+    with pytest.raises(va.VisualizeError, match=r'stages 0\.\.3'):
+        va.attention_maps(model, image, (0, 0), stage=4)
+    with pytest.raises(va.VisualizeError, match=r'Max_Blocks 0\.\.0'):
+        va.attention_maps(model, image, (0, 0), stage=0, block=1)
+    with pytest.raises(va.VisualizeError, match=r'outside the 48x48 model input'):
+        va.attention_maps(model, image, (48, 0))
