@@ -220,7 +220,9 @@ class SE(nn.Layer):
                                   nn.Conv2D(hidden_dim, in_dim, 1), nn.Sigmoid())
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return x * self.gate(x.mean(axis=[2, 3], keepdim=True))  # gate: (B, C, 1, 1)
+        # adaptive_avg_pool2d rather than mean: same values, but Paddle Inference runs it as a oneDNN pool
+        # (reduce_mean falls back to a slow kernel) and its backward is cheaper than mean's broadcast.
+        return x * self.gate(F.adaptive_avg_pool2d(x, 1))  # gate: (B, C, 1, 1)
 
 
 class MBConv(nn.Layer):
@@ -386,7 +388,8 @@ class Rel_Attention(nn.Layer):
         Bw, N, C = x.shape
         qkv = self.qkv(x).reshape([Bw, N, 3, self.num_heads, C // self.num_heads])
         q, k, v = qkv.transpose([2, 0, 3, 1, 4]).unbind(0)                 # each (B', heads, N, head_dim)
-        attn = paddle.matmul(q * self.scale, k, transpose_y=True)          # (B', heads, N, N)
+        # scale the contiguous product, not the strided q view (an elementwise op on a strided view is slow)
+        attn = paddle.matmul(q, k, transpose_y=True) * self.scale          # (B', heads, N, N)
         attn = attn + self.relative_bias().astype(attn.dtype)
         if mask is not None:                                               # (nW, N) -> bias on padded keys
             nw = mask.shape[0]

@@ -1,0 +1,21 @@
+"""common/device.py: the one place that picks the device and the CPU threads."""
+import os
+
+from common.device import setup, use_cpu_cores
+
+
+def test_cpu_threads_are_this_process_share_of_the_cores(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv('MKL_NUM_THREADS', raising=False)
+    monkeypatch.delenv('PADDLE_LOCAL_SIZE', raising=False)
+    assert use_cpu_cores() == cores
+    monkeypatch.delenv('MKL_NUM_THREADS')
+    monkeypatch.setenv('PADDLE_LOCAL_SIZE', str(2 * cores))   # more processes than cores: one thread each
+    assert use_cpu_cores() == 1
+    monkeypatch.setenv('MKL_NUM_THREADS', '3')                # the user's choice wins
+    assert use_cpu_cores() == 3
+
+
+def test_setup_on_this_machine():
+    env = setup('auto')
+    assert (env.device, env.rank, env.world_size, env.is_main) == ('cpu', 0, 1, True)
