@@ -408,6 +408,18 @@ class Rel_Attention(nn.Layer):
         return self.proj_drop(self.proj(out))
 
 
+def _pad_bottom_right(x: paddle.Tensor, pad_h: int, pad_w: int, value: float) -> paddle.Tensor:
+    """(B, H, W, C) -> (B, H+pad_h, W+pad_w, C), new rows/columns filled with ``value``. Concatenation rather
+    than F.pad: in exported models Paddle 3.3's oneDNN pads channels-last maps along the wrong axes
+    (data_format='NHWC') or crashes (the generic pad op)."""
+    B, H, W, C = x.shape
+    if pad_h:
+        x = paddle.concat([x, paddle.full([B, pad_h, W, C], value, x.dtype)], axis=1)
+    if pad_w:
+        x = paddle.concat([x, paddle.full([B, H + pad_h, pad_w, C], value, x.dtype)], axis=2)
+    return x
+
+
 class Window_Block(nn.Layer):
     """Block attention + MLP, pre-norm residual, on a channels-last map (B, H, W, C) -> (B, H, W, C).
 
@@ -434,9 +446,9 @@ class Window_Block(nn.Layer):
         pad_h, pad_w = -H % ph, -W % pw
         if pad_h == 0 and pad_w == 0:                                      # fast path: no padding, no mask
             return self.reverse(self.attn(self.partition(x, self.partition_size)), self.partition_size, (H, W))
-        x = F.pad(x, [0, pad_w, 0, pad_h], data_format='NHWC')            # (B, H+pad_h, W+pad_w, C)
+        x = _pad_bottom_right(x, pad_h, pad_w, 0.0)                       # (B, H+pad_h, W+pad_w, C)
         Hp, Wp = H + pad_h, W + pad_w
-        padded = F.pad(paddle.zeros([1, H, W, 1]), [0, pad_w, 0, pad_h], value=1.0, data_format='NHWC')
+        padded = _pad_bottom_right(paddle.zeros([1, H, W, 1]), pad_h, pad_w, 1.0)
         mask = self.partition(padded, self.partition_size).squeeze(-1).astype('bool')  # (nW, N), True = pad
         out = self.reverse(self.attn(self.partition(x, self.partition_size), mask), self.partition_size, (Hp, Wp))
         return out[:, :H, :W, :]
