@@ -91,10 +91,13 @@ def main(argv=None) -> dict:
              f'{steps_per_epoch} steps/epoch, {total_steps} steps; peak lr {peak_lr:.3g}')
 
     # ---- model, optimizer, AMP, EMA
+    resume = G['resume']
+    if resume == 'auto':
+        resume = str(out_dir / 'latest') if (out_dir / 'latest.pdstates').exists() else None
     model = build_model(cfg)
     log.info(f'MaxViT: {sum(int(p.numel()) for p in model.parameters() if not p.stop_gradient):,} trainable '
              f'parameters')
-    if G['pretrained_model'] and not G['resume']:
+    if G['pretrained_model'] and not resume:  # a resumed run has its own weights
         resized, new, what = load_pretrained(model, G['pretrained_model'], new_classifier=True)
         log.info(f'initialised from {what}' + (f'; new classifier (not loaded): {", ".join(new)}' if new else '')
                  + (f'; bias tables resized to the new window: {len(resized)}' if resized else ''))
@@ -110,9 +113,6 @@ def main(argv=None) -> dict:
 
     # ---- resume: everything that makes the continued run identical to an uninterrupted one
     start_epoch, step, best = 0, 0, {'metric': -1.0, 'epoch': 0}
-    resume = G['resume']
-    if resume == 'auto':
-        resume = str(out_dir / 'latest') if (out_dir / 'latest.pdstates').exists() else None
     if resume:
         model_state, opt_state, states = load_checkpoint(resolve_prefix(resume))
         model.set_state_dict({k: paddle.to_tensor(v) for k, v in model_state.items()})

@@ -1,6 +1,4 @@
 """tools/flops.py: multiply-adds per stage, attention included, matching torch's count of timm's models."""
-import numpy as np
-import paddle
 import pytest
 
 import maxvit

@@ -13,7 +13,7 @@ import pytest
 
 import eval as eval_py
 import train
-from common.checkpoint import load_checkpoint, load_file
+from common.checkpoint import load_checkpoint
 from common.config import ConfigError, load_config
 from common.data import DataError, Mixup
 from common.optim import build_optimizer, cosine_lr, no_weight_decay
@@ -171,8 +171,9 @@ def test_finetune_new_classes_and_new_window(train_args, tmp_path):
     src = MaxViT(dict(tiny_args, stage_num_block=[1, 1, 1, 1], stem_dim=8, stage_dim=16, num_heads=1,
                       block_size=[3, 3], grid_size=[3, 3], num_classes=1000))
     paddle.save(src.state_dict(), str(tmp_path / 'src.pdparams'))
+    # resume=auto with nothing to resume yet: a fresh fine-tuning run from the pretrained weights
     train.main(train_args(f'Global.pretrained_model={tmp_path / "src.pdparams"}', 'Global.epochs=1',
-                          'Optimizer.lr=0.0', 'Optimizer.min_lr=0.0'))
+                          'Global.resume=auto', 'Optimizer.lr=0.0', 'Optimizer.min_lr=0.0'))
     log = (tmp_path / 'out' / 'train.log').read_text()
     assert 'new classifier (not loaded): proj.weight, proj.bias' in log
     assert 'bias tables resized to the new window: 8' in log

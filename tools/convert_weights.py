@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
 import pickle
 import re
 import sys

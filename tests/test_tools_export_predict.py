@@ -1,0 +1,289 @@
+"""tools/export.py and tools/predict.py on a tiny MaxViT trained for one epoch on real PNG files.
+
+The exported model must give the dynamic-graph model's outputs (1e-5) through Paddle Inference with and without
+oneDNN, at batch sizes 1 and 3 from one predictor; predict.py must give the dynamic model's probabilities for the
+same preprocessed tensors, whichever way the images and the model are given.
+"""
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+from PIL import Image
+
+import tools.export as export
+import tools.predict as predict
+from common.checkpoint import load_file, load_pretrained
+from common.config import ConfigError, build_model, load_config
+from common.data import DataError, SHAPES, build_transform
+from conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = str(ROOT / 'configs' / 'quickstart.yaml')
+# BatchNorm running statistics that adapt within one epoch (momentum 0.1), so that one epoch gives a model whose
+# probabilities depend on the image (with the default 0.9 they stay at their initial values and every image gets
+# nearly the same output, which would hide a wrong preprocessing).
+OVERRIDES = TINY + ['Model.bn_momentum=0.1']
+TOL = 1e-5
+
+
+def config_args(*extra):
+    args = ['-c', CONFIG]
+    for o in OVERRIDES + list(extra):
+        args += ['-o', o]
+    return args
+
+
+@pytest.fixture(scope='module')
+def run(shapes, tmp_path_factory):
+    """One epoch of real training: a checkpoint (raw + EMA weights, class names) and the val images."""
+    import train
+    train_root, val_root = shapes
+    out = tmp_path_factory.mktemp('export_predict')
+    train.main(config_args(f'Data.train_root={train_root}', f'Data.val_root={val_root}',
+                           f'Global.output_dir={out / "run"}', 'Global.epochs=1', 'Optimizer.lr=5e-3',
+                           'Optimizer.warmup_steps=1'))
+    images = sorted(str(p) for p in Path(val_root).rglob('*.png'))
+    return {'ckpt': str(out / 'run' / 'latest'), 'val_root': val_root, 'images': images, 'out': out}
+
+
+@pytest.fixture(scope='module')
+def exported(run):
+    """exported(size, softmax, weights) -> prefix of a model written by tools/export.py (each written once)."""
+    cache = {}
+
+    def get(size=32, softmax=False, weights='ema'):
+        key = (size, softmax, weights)
+        if key not in cache:
+            prefix = str(run['out'] / f'inference_{size}_{"prob" if softmax else "logits"}_{weights}' / 'maxvit')
+            argv = config_args(f'Global.pretrained_model={run["ckpt"]}') + [
+                '--output', prefix, '--size', str(size), str(size), '--weights', weights]
+            result = export.main(argv + (['--softmax'] if softmax else []))
+            assert result['prefix'] == prefix
+            cache[key] = prefix
+        return cache[key]
+    return get
+
+
+def dynamic_model(run, weights='ema'):
+    cfg = load_config(CONFIG, OVERRIDES)
+    model = build_model(cfg)
+    load_pretrained(model, run['ckpt'], ema=weights == 'ema')
+    model.eval()
+    return model
+
+
+def preprocessed(paths, size=32):
+    """The val images through the evaluation transform, as predict.py must see them."""
+    transform = build_transform(load_config(CONFIG, OVERRIDES + [f'Data.img_size={size}']), train=False)
+    return np.stack([transform(Image.open(p).convert('RGB')) for p in paths])
+
+
+@paddle.no_grad()
+def reference(run, paths, weights='ema', size=32, softmax=True):
+    model = dynamic_model(run, weights)
+    x = paddle.to_tensor(preprocessed(paths, size))
+    return (model.predict(x) if softmax else model(x)).numpy()
+
+
+def max_diff(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+# ------------------------------------------------------------------------------------------------ export
+@pytest.mark.parametrize('softmax, weights', [(False, 'ema'), (True, 'raw')], ids=['logits-ema', 'probs-raw'])
+def test_exported_model_matches_dynamic_graph_with_and_without_onednn(run, exported, softmax, weights):
+    # 64x64: every stage map (16, 8, 4, 2) divides by the 2x2 block/grid, so no padding (see the next test)
+    prefix = exported(64, softmax, weights)
+    x = preprocessed(run['images'][::13][:3], size=64)               # 3 real images of different classes
+    ref = reference(run, run['images'][::13][:3], weights, size=64, softmax=softmax)
+    if softmax:
+        np.testing.assert_allclose(ref.sum(axis=1), 1.0, atol=1e-6)
+    else:  # the EMA and raw weights differ, so exporting the wrong one would show
+        assert max_diff(ref, reference(run, run['images'][::13][:3], 'raw', size=64, softmax=False)) > 1e-3
+    assert np.ptp(ref, axis=0).max() > 1e-3                         # the images get different outputs
+    for mkldnn in (True, False):
+        assert export.inference_config(prefix, mkldnn).mkldnn_enabled() == mkldnn
+        predictor = export.create_predictor(prefix, mkldnn=mkldnn, threads=1)
+        for batch in (1, 3, 1):                                      # one predictor, batch size changing
+            out = export.run_predictor(predictor, x[:batch])
+            assert out.shape == (batch, 10)
+            diff = max_diff(out, ref[:batch])
+            print(f'{"oneDNN" if mkldnn else "plain"} batch {batch} {"probs" if softmax else "logits"}: '
+                  f'max abs diff {diff:.2e}')
+            assert diff < TOL, (mkldnn, batch, diff)
+
+
+def test_padded_model_matches_with_and_without_onednn(run, exported):
+    # 32x32: the last stage map is 1x1, padded to the 2x2 block/grid. maxvit.py pads by concatenation because
+    # Paddle 3.3.1's oneDNN mishandles F.pad of channels-last maps in exported models (wrong axes, or a crash).
+    prefix = exported(32)
+    x = preprocessed(run['images'][:3])
+    ref = reference(run, run['images'][:3], softmax=False)
+    for mkldnn in (False, True):
+        predictor = export.create_predictor(prefix, mkldnn=mkldnn)
+        for batch in (1, 3):
+            assert max_diff(export.run_predictor(predictor, x[:batch]), ref[:batch]) < TOL, (mkldnn, batch)
+
+
+def test_export_yaml_holds_preprocessing_output_and_class_names(run, exported):
+    cfg = load_config(CONFIG, OVERRIDES)
+    meta = export.load_meta(exported(32))
+    assert meta['input'] == {'name': 'image', 'shape': [-1, 3, 32, 32], 'dtype': 'float32', 'layout': 'NCHW'}
+    assert meta['output'] == 'logits'
+    assert meta['preprocess'] == {k: cfg['Data'][k] for k in
+                                  ('img_size', 'crop_pct', 'crop_mode', 'interpolation', 'mean', 'std')}
+    assert meta['class_names'] == load_file(run['ckpt'] + '.pdstates')['class_names'] == sorted(SHAPES)
+    assert meta['num_classes'] == 10 and 'EMA' in meta['weights']
+
+    meta = export.load_meta(exported(64, True, 'raw'))
+    assert meta['output'] == 'probabilities' and meta['preprocess']['img_size'] == 64
+    assert meta['input']['shape'] == [-1, 3, 64, 64] and 'EMA' not in meta['weights']
+    # plain weights files carry no class names
+    shutil.copyfile(run['ckpt'] + '.pdparams', run['out'] / 'plain.pdparams')
+    assert export.checkpoint_class_names(str(run['out'] / 'plain.pdparams')) is None
+
+
+def test_export_needs_weights(tmp_path):
+    with pytest.raises(ConfigError, match='Global.pretrained_model'):
+        export.main(config_args() + ['--output', str(tmp_path / 'm')])
+    assert not list(tmp_path.iterdir())
+
+
+def test_onnx_without_paddle2onnx_says_how_to_install(run, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'paddle2onnx', None)  # makes `import paddle2onnx` fail, installed or not
+    # importing the tool does not need paddle2onnx
+    spec = importlib.util.spec_from_file_location('export_fresh', ROOT / 'tools' / 'export.py')
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    with pytest.raises(SystemExit) as e:
+        export.main(config_args(f'Global.pretrained_model={run["ckpt"]}') + ['--output', str(tmp_path / 'm'), '--onnx'])
+    message = str(e.value.code)
+    assert message.startswith('error:') and 'pip install paddle2onnx' in message
+    assert not list(tmp_path.iterdir())  # it fails before doing any work
+
+
+# ------------------------------------------------------------------------------------------------ predict
+def check_against_reference(results, run, paths, weights='ema', size=32, names=None):
+    ref = reference(run, paths, weights, size)
+    names = names or sorted(SHAPES)
+    assert [r['image'] for r in results] == paths
+    for r, probs in zip(results, ref):
+        order = np.argsort(-probs)
+        assert r['topk'][0]['index'] == int(order[0]) and r['topk'][0]['class'] == names[order[0]]
+        assert [t['index'] for t in r['topk']] == order[:len(r['topk'])].tolist()
+        assert max_diff([t['prob'] for t in r['topk']], probs[order[:len(r['topk'])]]) < TOL
+
+
+def test_predict_single_image_folder_and_glob(run, capsys):
+    ckpt = [f'Global.pretrained_model={run["ckpt"]}']
+    one = run['images'][5]
+    results = predict.main(config_args(*ckpt) + ['--images', one, '--topk', '3'])
+    check_against_reference(results, run, [one])
+    assert [len(r['topk']) for r in results] == [3]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == one and lines[1].split()[:2] == ['1.', results[0]['topk'][0]['class']] and len(lines) == 4
+
+    # a folder, recursively: all 40 images in 3 batches of up to 16
+    results = predict.main(config_args(*ckpt) + ['--images', run['val_root'], '--batch-size', '16'])
+    check_against_reference(results, run, run['images'])
+    assert len({r['topk'][0]['index'] for r in results}) > 1           # not one answer for every image
+
+    # a glob, expanded by predict.py itself
+    pattern = str(Path(run['val_root']) / 's*' / '*.png')
+    results = predict.main(config_args(*ckpt) + ['--images', pattern, '--topk', '20'])
+    paths = sorted(p for p in run['images'] if Path(p).parent.name.startswith('s'))
+    assert len(paths) == 8                                           # square, star
+    check_against_reference(results, run, paths)
+    assert all(len(r['topk']) == 10 for r in results)                  # topk beyond the classes: all of them
+
+
+def test_predict_names_from_label_file_or_indices(run, tmp_path):
+    labels = tmp_path / 'labels.txt'
+    names = [f'Class {n.upper()}' for n in sorted(SHAPES)]
+    labels.write_text('\n'.join(names) + '\n\n')
+    paths = run['images'][:4]
+    results = predict.main(config_args(f'Global.pretrained_model={run["ckpt"]}') + [
+        '--images', *paths, '--labels', str(labels), '--weights', 'raw'])
+    check_against_reference(results, run, paths, weights='raw', names=names)
+
+    # plain weights (no checkpoint, no labels): the index is the name
+    weights = tmp_path / 'plain.pdparams'
+    shutil.copyfile(run['ckpt'] + '.pdparams', weights)
+    results = predict.main(config_args(f'Global.pretrained_model={weights}') + ['--images', *paths])
+    check_against_reference(results, run, paths, weights='raw', names=[str(i) for i in range(10)])
+
+    labels.write_text('a\nb\n')
+    with pytest.raises(DataError, match='lists 2 classes, but the model has 10'):
+        predict.main(config_args(f'Global.pretrained_model={run["ckpt"]}') + [
+            '--images', paths[0], '--labels', str(labels)])
+
+
+def test_predict_from_exported_model(run, exported, capsys):
+    # logits at 32x32 (a padded model), names from the yaml
+    results = predict.main(['--model', exported(32), '--images', run['val_root']])
+    check_against_reference(results, run, run['images'])
+    assert '(Paddle Inference, oneDNN, logits)' in capsys.readouterr().err
+    # probabilities at 64x64 through oneDNN: no second softmax; preprocessing at 64 from the yaml
+    paths = run['images'][::7]
+    results = predict.main(['--model', exported(64, True, 'raw'), '--images', *paths, '--topk', '2'])
+    check_against_reference(results, run, paths, weights='raw', size=64)
+    assert '(Paddle Inference, oneDNN, probabilities)' in capsys.readouterr().err
+
+
+def test_predict_json(run, exported, capsys):
+    paths = run['images'][:2]
+    results = predict.main(config_args(f'Global.pretrained_model={run["ckpt"]}') + [
+        '--images', *paths, '--json', '--topk', '2'])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == results
+    assert [r['image'] for r in printed] == paths
+    assert all(set(t) == {'class', 'index', 'prob'} and isinstance(t['prob'], float) for r in printed
+               for t in r['topk'])
+    # from the command line with oneDNN, whose passes print on the C++ stdout: stdout stays pure JSON
+    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'predict.py'), '--model', exported(64, True, 'raw'),
+                           '--images', *paths, '--json', '--topk', '2'], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = json.loads(proc.stdout)
+    assert [r['image'] for r in printed] == paths and '(Paddle Inference, oneDNN, probabilities)' in proc.stderr
+    check_against_reference(printed, run, paths, weights='raw', size=64)
+
+
+def test_predict_skips_unreadable_images(run, tmp_path, capsys):
+    folder = tmp_path / 'mixed'
+    folder.mkdir()
+    good = [shutil.copy(p, folder / f'{i}.png') for i, p in enumerate(run['images'][:3])]
+    (folder / 'broken.png').write_bytes(b'not a png at all')
+    data = Path(run['images'][3]).read_bytes()
+    (folder / 'truncated.png').write_bytes(data[:len(data) // 2])
+    (folder / 'notes.txt').write_text('not an image extension: ignored')
+    results = predict.main(config_args(f'Global.pretrained_model={run["ckpt"]}') + ['--images', str(folder)])
+    err = capsys.readouterr().err
+    assert f'skipped unreadable image {folder / "broken.png"}: UnidentifiedImageError' in err
+    assert f'skipped unreadable image {folder / "truncated.png"}: ' in err and 'notes.txt' not in err
+    assert [r['image'] for r in results] == [str(p) for p in good]
+    check_against_reference(results, run, [str(p) for p in good])
+
+
+def test_predict_errors(run, tmp_path):
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    ckpt = config_args(f'Global.pretrained_model={run["ckpt"]}')
+    with pytest.raises(DataError, match='no images found'):
+        predict.main(ckpt + ['--images', str(empty), str(tmp_path / 'nothing*.jpg')])
+    with pytest.raises(SystemExit) as e:  # -c and --model: one or the other
+        predict.main(ckpt + ['--model', 'x', '--images', run['images'][0]])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        predict.main(['--images', run['images'][0]])
+    with pytest.raises(export.ExportError, match='tools/export.py'):
+        predict.main(['--model', str(tmp_path / 'missing'), '--images', run['images'][0]])
+    # the command line turns errors into one line
+    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'predict.py'), *ckpt, '--images', str(empty)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith('error: no images found in ')
