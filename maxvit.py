@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import paddle
 import paddle.nn as nn

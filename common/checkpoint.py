@@ -16,7 +16,7 @@ import os
 import pickle
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import paddle

@@ -185,9 +185,9 @@ def build_model(cfg: Dict[str, Dict[str, object]]) -> MaxViT:
     return MaxViT(cfg['Model'])
 
 
-def add_config_args(parser):
+def add_config_args(parser, required: bool = True):
     """The -c/-o flags shared by train.py, eval.py and tools/."""
-    parser.add_argument('-c', '--config', required=True, help='YAML config, e.g. configs/maxvit_t.yaml')
+    parser.add_argument('-c', '--config', required=required, help='YAML config, e.g. configs/maxvit_t.yaml')
     parser.add_argument('-o', '--override', action='append', default=[], metavar='Section.key=value',
                         help='override a config value (repeatable), e.g. -o Global.epochs=10')
     return parser

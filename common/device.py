@@ -21,12 +21,16 @@ class Env:
         return self.rank == 0
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
 def use_cpu_cores() -> int:
     """Let Paddle's CPU math library (MKL) use this process's share of the cores: eager Paddle runs it on one
     thread unless MKL_NUM_THREADS says otherwise, which made MaxViT-T 1.35x slower on 2 cores. Must run before
     the first Paddle operation; an MKL_NUM_THREADS set by the user wins. Returns the thread count."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    per_process = max(1, cores // int(os.environ.get('PADDLE_LOCAL_SIZE', '1')))  # processes on this machine
+    per_process = max(1, cpu_cores() // int(os.environ.get('PADDLE_LOCAL_SIZE', '1')))  # processes on this machine
     os.environ.setdefault('MKL_NUM_THREADS', str(per_process))
     return int(os.environ['MKL_NUM_THREADS'])
 
