@@ -9,6 +9,7 @@ import paddle.nn.functional as F
 import pytest
 
 import maxvit
+from reference import brute_force_attention
 from maxvit import (MODEL_ARGS, Grid_Block, MaxViT, MBConv, Rel_Attention, Window_Block, create_model,
                     grid_partition, grid_reverse, relative_position_index, tiny_args, window_partition,
                     window_reverse)
@@ -234,36 +235,15 @@ def test_mask_path_equals_fast_path_when_nothing_is_padded(cls):
 
 
 def reference_attention(block, x):
-    """Brute-force attention of a Window/Grid block on (H, W, C), numpy, looping over queries: each query
-    attends to the real pixels of its own window/grid cell, bias looked up from the table by offset."""
+    """Brute-force attention output of a Window/Grid block on (H, W, C), numpy, query by query."""
     H, W, C = x.shape
-    ph, pw = block.partition_size
-    Hp, Wp = -(-H // ph) * ph, -(-W // pw) * pw
-    grid = isinstance(block, Grid_Block)
-    attn = block.attn
-    heads, hd = attn.num_heads, C // attn.num_heads
-    qkv = (x.reshape(-1, C) @ attn.qkv.weight.numpy() + attn.qkv.bias.numpy()).reshape(H, W, 3, heads, hd)
-    table = attn.relative_bias_table.numpy()
-    out = np.zeros((H, W, heads, hd))
-
-    def cell(y, x_):  # which window a pixel belongs to, and its (row, col) inside it
-        if grid:
-            return (y % (Hp // ph), x_ % (Wp // pw)), (y // (Hp // ph), x_ // (Wp // pw))
-        return (y // ph, x_ // pw), (y % ph, x_ % pw)
-
+    out = np.zeros((H, W, C))
     for qy in range(H):
         for qx in range(W):
-            qc, (qi, qj) = cell(qy, qx)
-            keys = [(ky, kx) for ky in range(H) for kx in range(W) if cell(ky, kx)[0] == qc]
-            logits = np.zeros((heads, len(keys)))
-            for n, (ky, kx) in enumerate(keys):
-                _, (ki, kj) = cell(ky, kx)
-                row = (qi - ki + ph - 1) * (2 * pw - 1) + (qj - kj + pw - 1)
-                logits[:, n] = (qkv[qy, qx, 0] * qkv[ky, kx, 1]).sum(-1) * attn.scale + table[row]
-            p = np.exp(logits - logits.max(-1, keepdims=True))
-            p /= p.sum(-1, keepdims=True)
-            out[qy, qx] = np.einsum('hn,nhd->hd', p, np.stack([qkv[ky, kx, 2] for ky, kx in keys]))
-    return out.reshape(H, W, C) @ attn.proj.weight.numpy() + attn.proj.bias.numpy()
+            keys, p, qkv = brute_force_attention(block, x, qy, qx)
+            v = np.stack([qkv[ky, kx, 2] for ky, kx in keys])            # (keys, heads, head_dim)
+            out[qy, qx] = np.einsum('hn,nhd->hd', p, v).reshape(C)
+    return out @ block.attn.proj.weight.numpy() + block.attn.proj.bias.numpy()
 
 
 @pytest.mark.parametrize('cls', [Window_Block, Grid_Block])

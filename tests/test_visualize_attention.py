@@ -14,7 +14,7 @@ from PIL import Image
 
 from common.config import build_model, load_config
 from common.data import render_shape
-from maxvit import Grid_Block
+from reference import brute_force_attention
 from tools import visualize_attention as va
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,33 +41,11 @@ def small_model():
 
 def reference_row(layer, x, r, c):
     """(heads, H, W) softmax weights of query (r, c) in a Window_Block/Grid_Block whose input is x (H, W, C)."""
-    H, W, C = x.shape
-    ph, pw = layer.partition_size
-    Hp, Wp = -(-H // ph) * ph, -(-W // pw) * pw
+    H, W, _ = x.shape
     norm = layer.norm1
     xn = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + norm._epsilon)
-    xn = xn * norm.weight.numpy() + norm.bias.numpy()
-    attn = layer.attn
-    heads = attn.num_heads
-    qkv = (xn.reshape(-1, C) @ attn.qkv.weight.numpy() + attn.qkv.bias.numpy()).reshape(H, W, 3, heads, -1)
-    table = attn.relative_bias_table.numpy()
-    grid = isinstance(layer, Grid_Block)
-
-    def cell(y, x_):  # (which window, position inside it)
-        if grid:   # grid-mates: the same remainder modulo the spacing Hp/g0, Wp/g1
-            return (y % (Hp // ph), x_ % (Wp // pw)), (y // (Hp // ph), x_ // (Wp // pw))
-        return (y // ph, x_ // pw), (y % ph, x_ % pw)
-
-    window, (qi, qj) = cell(r, c)
-    out = np.zeros((heads, H, W))
-    keys = [(ky, kx) for ky in range(H) for kx in range(W) if cell(ky, kx)[0] == window]
-    logits = np.zeros((heads, len(keys)))
-    for n, (ky, kx) in enumerate(keys):
-        _, (ki, kj) = cell(ky, kx)
-        row = (qi - ki + ph - 1) * (2 * pw - 1) + (qj - kj + pw - 1)
-        logits[:, n] = (qkv[r, c, 0] * qkv[ky, kx, 1]).sum(-1) * attn.scale + table[row]
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
+    keys, p, _ = brute_force_attention(layer, xn * norm.weight.numpy() + norm.bias.numpy(), r, c)
+    out = np.zeros((p.shape[0], H, W))
     for n, (ky, kx) in enumerate(keys):
         out[:, ky, kx] = p[:, n]
     return out
