@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
+from paddle.autograd import PyLayer
 
 __all__ = [
     'MaxViT', 'Max_Block', 'Window_Block', 'Grid_Block', 'MBConv', 'SE', 'Mlp', 'Rel_Attention',
@@ -69,7 +70,8 @@ DEFAULT_ARGS: Dict[str, object] = {
     'stem_out_norm': True,            # BN + act after the second stem conv (official: none)
     'mbconv_conv_bias': True,         # bias on MBConv's 1x1 expand and depthwise convs (official: none)
     'mbconv_out_norm': True,          # BN after MBConv's 1x1 projection (official: none)
-    'shortcut_pool': 'max3',          # downsampling shortcut: 'max3' = MaxPool 3x3 s2 (article), 'avg2' = AvgPool 2x2 s2
+    'shortcut_pool': 'max3',          # downsampling shortcut: 'max3' = MaxPool of the MBConv kernel size (3) s2
+                                      # as in the article, 'avg2' = AvgPool 2x2 s2 (official)
     'shortcut_conv_always': True,     # 1x1 conv on the downsampling shortcut even when channels do not change
                                       # (official: only when they do)
     'se_act': 'gelu',                 # activation inside SE: 'gelu' (article) or 'silu' (official)
@@ -185,6 +187,22 @@ def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, bias: b
     return nn.Conv2D(cin, cout, k, stride, padding, groups=groups, bias_attr=None if bias else False)
 
 
+class _ScaleSamples(PyLayer):
+    """x * scale for a constant per-sample scale (B, 1, ...). Its backward keeps only the scale:
+    ``paddle.multiply`` would also keep x alive (for a gradient of scale nobody needs), one extra activation
+    per residual branch, about 0.45 GB more at batch 32 for MaxViT-T."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.save_for_backward(scale)
+        return x * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        scale, = ctx.saved_tensor()
+        return grad * scale
+
+
 class DropPath(nn.Layer):
     """Stochastic depth: zero a residual branch for a random subset of samples, scale the rest by 1/keep."""
 
@@ -196,8 +214,8 @@ class DropPath(nn.Layer):
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep = 1.0 - self.drop_prob
-        mask = (paddle.rand([x.shape[0]] + [1] * (x.ndim - 1)) < keep).astype(x.dtype)  # (B, 1, 1, ...)
-        return x * mask / keep
+        scale = (paddle.rand([x.shape[0]] + [1] * (x.ndim - 1)) < keep).astype(x.dtype) / keep  # (B, 1, 1, ...)
+        return _ScaleSamples.apply(x, scale)
 
     def extra_repr(self) -> str:
         return f'drop_prob={self.drop_prob}'
@@ -263,9 +281,9 @@ class MBConv(nn.Layer):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         out = self.bn(x)
         out = self.expand_conv(out)          # (B, hidden, H, W)
-        out = self.dw_conv(out)              # (B, hidden, H/s, W/s)
+        out = self.dw_conv(out)              # (B, hidden, ceil(H/s), ceil(W/s))
         out = self.se(out)
-        out = self.out_conv(out)             # (B, out, H/s, W/s)
+        out = self.out_conv(out)             # (B, out, ceil(H/s), ceil(W/s))
         return self.drop_path(out) + self.proj(x)
 
 

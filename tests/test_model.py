@@ -209,6 +209,26 @@ def test_drop_path_drops_whole_samples_in_training_only():
     np.testing.assert_array_equal(layer(x).numpy(), x.numpy())
 
 
+def test_drop_path_backward_keeps_only_the_per_sample_scale():
+    # paddle.multiply would keep the whole branch output alive until backward, for each residual branch
+    layer = maxvit.DropPath(0.5)
+    x = paddle.randn([8, 3, 4, 4])
+    x.stop_gradient = False
+    saved = []
+    with paddle.autograd.saved_tensors_hooks(lambda t: saved.append(list(t.shape)) or t, lambda t: t):
+        y = layer(x)
+    assert saved == [[8, 1, 1, 1]]
+    y.sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), np.where(y.numpy() == 0, 0.0, 2.0))
+
+
+def test_reset_classifier_for_fine_tuning():
+    model = MaxViT(dict(tiny_args, stage_num_block=[1, 1, 1, 1], stem_dim=8, stage_dim=16, num_heads=1))
+    model.reset_classifier(37)
+    assert model(paddle.zeros([1, 3, 32, 32])).shape == [1, 37] and model.args['num_classes'] == 37
+    assert float(model.proj.bias.abs().sum()) == 0 and 0 < float(model.proj.weight.std()) < 0.03
+
+
 def test_mbconv_has_no_dead_dropout_argument():
     params = inspect.signature(MBConv).parameters
     assert 'dropout' not in params and 'drop_path' in params

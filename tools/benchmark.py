@@ -88,7 +88,8 @@ def _timm_worker(spec):
     import torch
     import timm
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    model = timm.create_model(spec['timm_model'])
+    # the same stochastic depth as our config, so both train the same network
+    model = timm.create_model(spec['timm_model'], drop_path_rate=spec['drop_path'])
     x = torch.rand(spec['batch'], 3, spec['size'], spec['size'])
     if spec['engine'] == 'timm-train':
         model.train()
@@ -246,6 +247,9 @@ def main(argv=None):
     if args.worker:
         return worker(json.loads(args.worker))
 
+    sys.path.insert(0, str(ROOT))
+    from common.config import load_config
+    drop_path = load_config(args.config, args.override)['Model']['drop_path']  # a bad config fails here, once
     base = {'config': args.config, 'overrides': args.override, 'warmup': 1}
     specs = []
     if args.sweep:
@@ -259,7 +263,7 @@ def main(argv=None):
             if args.timm_python:
                 for e in sorted({'train' if e.startswith('train') else 'eager' for e in args.engines}):
                     specs.append(dict(base, engine=f'timm-{e}', batch=b, size=args.size, timm_model=args.timm_model,
-                                      label=f'timm {e} b{b}'))
+                                      drop_path=drop_path, label=f'timm {e} b{b}'))
     workers = []
     try:
         for spec in specs:
