@@ -137,8 +137,21 @@ def load_file(path: str):
 
 
 # ------------------------------------------------------------------------------------------------ writing
+def to_numpy_tree(obj):
+    """Every tensor in nested dicts/lists as a numpy array (bfloat16 widened to float32, which numpy lacks), so
+    a checkpoint holds only what _SafeUnpickler rebuilds: paddle.save pickles tensors nested below the top
+    level (AMP O2's master weights) as Paddle objects."""
+    if isinstance(obj, paddle.Tensor):
+        return (obj.astype('float32') if obj.dtype == paddle.bfloat16 else obj).numpy()
+    if isinstance(obj, dict):
+        return {k: to_numpy_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_numpy_tree(v) for v in obj)
+    return obj
+
+
 def _fsync_save(obj, path: Path) -> None:
-    paddle.save(obj, str(path))
+    paddle.save(to_numpy_tree(obj), str(path))
     with open(path, 'rb+') as f:
         os.fsync(f.fileno())
 
@@ -218,17 +231,23 @@ def adapt_state_dict(model: MaxViT, state: Dict[str, np.ndarray], new_classifier
             continue
         want = list(target[key].shape)
         if list(np.shape(value)) != want:
-            if key.endswith('relative_bias_table'):
-                table = paddle.to_tensor(np.asarray(value, dtype='float32'))
-                value = resize_relative_bias_table(table, windows[key]).numpy()
-                resized.append(key)
-            elif key in CLASSIFIER_KEYS and new_classifier:
+            if key in CLASSIFIER_KEYS and new_classifier:
                 skipped.append(key)
                 continue
-            else:
+            if key.endswith('relative_bias_table') and np.shape(value)[1:] == tuple(want[1:]):  # same heads
+                try:
+                    table = paddle.to_tensor(np.asarray(value, dtype='float32'))
+                    value = resize_relative_bias_table(table, windows[key]).numpy()
+                except ValueError as e:
+                    problems.append(f'{key}: {e}')
+                    continue
+                resized.append(key)
+            if list(np.shape(value)) != want:
                 problems.append(f'shape of {key}: checkpoint {list(np.shape(value))}, model {want}')
                 continue
         out[key] = value
+    if new_classifier:  # a headless file (convert_weights.py --drop-head) keeps the model's fresh classifier
+        skipped += [k for k in CLASSIFIER_KEYS if k in target and k not in state]
     problems += [f'missing {k}' for k in target if k not in out and k not in skipped]
     if problems:
         raise CheckpointError('weights do not fit this model:\n  ' + '\n  '.join(problems))
@@ -244,7 +263,8 @@ def load_weights(path: str, ema: bool = False) -> Tuple[Dict[str, np.ndarray], s
         if ema:
             saved = load_file(prefix + '.pdstates').get('ema')
             if not saved:
-                raise CheckpointError(f'{prefix}.pdstates has no EMA weights (EMA.decay was 0): use raw weights')
+                raise CheckpointError(f'{prefix}.pdstates has no EMA weights (EMA.decay was 0): use its raw '
+                                      f'weights with -o Global.eval_weights=raw')
             return saved['state'], f'{prefix} (EMA weights, {saved["updates"]} updates)'
         return load_file(prefix + '.pdparams'), f'{prefix}.pdparams'
     if not Path(path).is_file():
@@ -260,5 +280,12 @@ def load_pretrained(model: MaxViT, path: str, ema: bool = False, new_classifier:
     Returns (resized keys, skipped keys, description)."""
     state, what = load_weights(path, ema)
     state, resized, skipped = adapt_state_dict(model, state, new_classifier)
-    model.set_state_dict({k: paddle.to_tensor(np.asarray(v)) for k, v in state.items()})
+    set_model_state(model, state)
     return resized, skipped, what
+
+
+def set_model_state(model, state: Dict[str, np.ndarray]) -> None:
+    """model.set_state_dict for a state that adapt_state_dict checked, cast to each tensor's dtype (weights are
+    saved as float32 or float16; an AMP O2 model may hold bfloat16, which numpy has no type for)."""
+    target = model.state_dict()
+    model.set_state_dict({k: paddle.to_tensor(np.asarray(v)).astype(target[k].dtype) for k, v in state.items()})

@@ -139,3 +139,39 @@ def test_bias_tables_resize_bilinearly_to_the_new_window(tmp_path):
     np.testing.assert_allclose(out[0], np.interp(np.arange(23), np.linspace(0, 22, 13), np.linspace(0, 1, 13)),
                                atol=0.03)  # a linear ramp stays a linear ramp (edges: half-pixel clamping)
     assert (np.diff(out[0]) >= 0).all() and np.allclose(out, out[0])
+
+
+def test_nested_and_bfloat16_tensors_save_as_plain_arrays(tmp_path):
+    # AMP O2 nests master weights inside the optimizer state and keeps bfloat16 weights: paddle.save would
+    # pickle those as Paddle objects, which the safe loader (rightly) refuses.
+    weights = {'w': paddle.to_tensor([1.5, -2.0]).astype('bfloat16')}
+    opt = {'master_weights': {'w': paddle.to_tensor([1.5, -2.0])}, 'w@moment1_0': paddle.ones([2])}
+    save_checkpoint(str(tmp_path / 'c'), weights, opt, {'epoch': 1, 'ema': None})
+    weights, opt, states = load_checkpoint(str(tmp_path / 'c'))
+    assert weights['w'].dtype == np.float32 and weights['w'].tolist() == [1.5, -2.0]
+    assert isinstance(opt['master_weights']['w'], np.ndarray) and states == {'epoch': 1, 'ema': None}
+
+
+def test_weights_load_into_a_bfloat16_model(tmp_path):
+    src = MaxViT(SMALL)
+    paddle.save(src.state_dict(), str(tmp_path / 's.pdparams'))
+    dst = MaxViT(SMALL)
+    dst.to(dtype='bfloat16')
+    load_pretrained(dst, str(tmp_path / 's.pdparams'))
+    assert dst.proj.weight.dtype == paddle.bfloat16
+    np.testing.assert_allclose(dst.proj.weight.astype('float32').numpy(), src.proj.weight.numpy(), rtol=1e-2)
+
+
+def test_headless_weights_keep_the_fresh_classifier_when_fine_tuning(tmp_path):
+    # tools/convert_weights.py --drop-head writes weights without proj.*
+    state = {k: v.numpy() for k, v in MaxViT(SMALL).state_dict().items() if not k.startswith('proj.')}
+    _, _, skipped = adapt_state_dict(MaxViT(SMALL), state, new_classifier=True)
+    assert skipped == ['proj.weight', 'proj.bias']
+    with pytest.raises(CheckpointError, match='missing proj.weight'):
+        adapt_state_dict(MaxViT(SMALL), state)
+
+
+def test_bias_table_with_other_heads_is_an_error_not_a_silent_skip():
+    state = {k: v.numpy() for k, v in MaxViT(SMALL).state_dict().items()}
+    with pytest.raises(CheckpointError, match=r'shape of max_blocks.0.0.block_attn.attn.relative_bias_table'):
+        adapt_state_dict(MaxViT(dict(SMALL, num_heads=2)), state)
