@@ -25,8 +25,11 @@ from common.device import setup
 
 @paddle.no_grad()
 def evaluate(model, loader, world_size: int = 1, amp=None, report_skipped=None) -> dict:
-    """Top-1/top-5 accuracy (%), mean cross-entropy and throughput of ``model`` over ``loader``."""
+    """Top-1/top-5 accuracy (%), mean cross-entropy and throughput of ``model`` over ``loader``, which yields
+    (images (B, C, H, W), labels (B,), indices (B,), unreadable paths) as ImageDataset.collate makes them."""
     model.eval()
+    amp_ctx = (lambda: paddle.amp.auto_cast(level=amp['level'], dtype=amp['dtype'])) if amp and amp['enable'] \
+        else nullcontext
     sums = paddle.zeros([4], dtype='float64')  # correct@1, correct@5, loss sum, images
     start = time.perf_counter()
     for images, labels, _, bad in loader:
@@ -34,8 +37,7 @@ def evaluate(model, loader, world_size: int = 1, amp=None, report_skipped=None) 
             report_skipped(bad)
         if batch_is_empty(labels):
             continue
-        ctx = paddle.amp.auto_cast(level=amp['level'], dtype=amp['dtype']) if amp and amp['enable'] else nullcontext()
-        with ctx:
+        with amp_ctx():
             logits = model(images)
         logits = logits.astype('float32')
         k = min(5, logits.shape[1])
@@ -47,7 +49,9 @@ def evaluate(model, loader, world_size: int = 1, amp=None, report_skipped=None) 
         dist.all_reduce(sums)
     seconds = time.perf_counter() - start
     correct1, correct5, loss_sum, n = sums.numpy().tolist()
-    n = max(n, 1.0)
+    if n == 0:
+        raise DataError('no validation image could be read: check Data.val_root / Data.val_list (the skipped '
+                        'files are listed above)')
     return {'top1': 100 * correct1 / n, 'top5': 100 * correct5 / n, 'loss': loss_sum / n,
             'images': int(n), 'images_per_sec': n / seconds}
 
@@ -61,7 +65,16 @@ def main(argv=None) -> dict:
     if not g['pretrained_model']:
         raise ConfigError('nothing to evaluate: pass -o Global.pretrained_model=PATH (weights or checkpoint prefix)')
 
+    if not env.is_main:  # rank 0 first: it writes the built-in dataset when it is missing
+        env.barrier()
     dataset = build_dataset(cfg, 'val')
+    if env.is_main:
+        env.barrier()
+    classes = len(dataset.class_names)  # a file list may lack the last classes; a folder tree must have them all
+    if classes > cfg['Model']['num_classes'] or (cfg['Data']['format'] != 'filelist'
+                                                 and classes != cfg['Model']['num_classes']):
+        raise ConfigError(f"Model.num_classes is {cfg['Model']['num_classes']} but the validation set has "
+                          f"{classes} classes: set -o Model.num_classes={classes}")
     loader = build_loader(dataset, cfg, train=False, rank=env.rank, world_size=env.world_size)
     model = build_model(cfg)
     _, _, what = load_pretrained(model, g['pretrained_model'], ema=g['eval_weights'] == 'ema')

@@ -25,8 +25,8 @@ import paddle
 import paddle.nn.functional as F
 import yaml
 
-from common.checkpoint import (CheckpointError, copy_checkpoint, load_checkpoint, load_pretrained, resolve_prefix,
-                               save_checkpoint)
+from common.checkpoint import (CheckpointError, adapt_state_dict, copy_checkpoint, load_checkpoint, load_pretrained,
+                               recover, resolve_prefix, save_checkpoint, set_model_state)
 from common.config import ConfigError, add_config_args, build_model, load_config
 from common.data import DataError, Mixup, SkipReport, batch_is_empty, build_dataset, build_loader
 from common.device import peak_memory_gb, setup
@@ -63,12 +63,22 @@ def main(argv=None) -> dict:
         (out_dir / 'config.yaml').write_text(yaml.safe_dump(cfg, sort_keys=False))
     log.info(f'{args.config} on {env.world_size} x {env.device}, Paddle {paddle.__version__}, output {out_dir}')
 
-    # ---- data
+    # ---- data (rank 0 first: it writes the built-in dataset when it is missing; the others wait and read it)
+    if not env.is_main:
+        env.barrier()
     train_set, val_set = build_dataset(cfg, 'train'), build_dataset(cfg, 'val')
+    if env.is_main:
+        env.barrier()
     num_classes = cfg['Model']['num_classes']
     if num_classes != len(train_set.class_names):
         raise ConfigError(f"Model.num_classes is {num_classes} but {D['train_root']} has "
                           f"{len(train_set.class_names)} classes: set -o Model.num_classes={len(train_set.class_names)}")
+    # a missing class folder would shift every label after it (a file list may just lack the last classes)
+    names, val_names = train_set.class_names, val_set.class_names
+    if val_names != names[:len(val_names)] or (D['format'] != 'filelist' and len(val_names) != len(names)):
+        raise DataError(f"the validation classes ({len(val_set.class_names)}, {D['val_root']}) are not the training "
+                        f"classes ({len(train_set.class_names)}, {D['train_root']}): both need the same class "
+                        f"folders or label names (README, Preparing data)")
     train_loader = build_loader(train_set, cfg, train=True, rank=env.rank, world_size=env.world_size)
     val_loader = build_loader(val_set, cfg, train=False, rank=env.rank, world_size=env.world_size)
     skipped = SkipReport(train_set, log.info)
@@ -93,12 +103,16 @@ def main(argv=None) -> dict:
     # ---- model, optimizer, AMP, EMA
     resume = G['resume']
     if resume == 'auto':
+        if env.is_main:
+            recover(str(out_dir / 'latest'))  # finish a save that a kill interrupted, before anyone looks
+        env.barrier()
         resume = str(out_dir / 'latest') if (out_dir / 'latest.pdstates').exists() else None
     model = build_model(cfg)
     log.info(f'MaxViT: {sum(int(p.numel()) for p in model.parameters() if not p.stop_gradient):,} trainable '
              f'parameters')
     if G['pretrained_model'] and not resume:  # a resumed run has its own weights
-        resized, new, what = load_pretrained(model, G['pretrained_model'], new_classifier=True)
+        resized, new, what = load_pretrained(model, G['pretrained_model'], ema=G['eval_weights'] == 'ema',
+                                             new_classifier=True)  # ema: a checkpoint's EMA weights
         log.info(f'initialised from {what}' + (f'; new classifier (not loaded): {", ".join(new)}' if new else '')
                  + (f'; bias tables resized to the new window: {len(resized)}' if resized else ''))
     optimizer, schedule = build_optimizer(model, cfg, peak_lr, total_steps)
@@ -107,21 +121,26 @@ def main(argv=None) -> dict:
     scaler = paddle.amp.GradScaler(enable=A['enable'] and A['dtype'] == 'float16',
                                    init_loss_scaling=A['init_loss_scaling'])
     amp_ctx = (lambda: paddle.amp.auto_cast(level=A['level'], dtype=A['dtype'])) if A['enable'] else nullcontext
-    ema = ModelEma(model, cfg['EMA']['decay']) if cfg['EMA']['decay'] > 0 else None
-    ema_model = build_model(cfg) if ema else None
     mixup = Mixup(D['mixup'], D['cutmix'], D['mix_prob'], D['label_smoothing'], num_classes)
 
     # ---- resume: everything that makes the continued run identical to an uninterrupted one
-    start_epoch, step, best = 0, 0, {'metric': -1.0, 'epoch': 0}
+    start_epoch, step, best, states = 0, 0, {'metric': -1.0, 'epoch': 0}, {}
     if resume:
         model_state, opt_state, states = load_checkpoint(resolve_prefix(resume))
-        model.set_state_dict({k: paddle.to_tensor(v) for k, v in model_state.items()})
-        load_optimizer_state(optimizer, model, opt_state)
-        scaler.load_state_dict(states['scaler'])
-        if ema and states.get('ema'):
-            ema.set_state_dict(states['ema'])
+        set_model_state(model, adapt_state_dict(model, model_state)[0])  # strict: a changed Model.* is an error
+        try:
+            load_optimizer_state(optimizer, model, opt_state)
+        except KeyError as e:
+            raise CheckpointError(f'{resume}: its optimizer state has no entry for {e}; was Model.* or '
+                                  f'Optimizer.* changed since it was saved? Start a new run instead') from None
+        if states['scaler']:  # empty when fp16 loss scaling was off: then the scaler starts fresh
+            scaler.load_state_dict(states['scaler'])
         start_epoch, step, best = states['epoch'], states['step'], states['best']
         log.info(f'resumed {resume}: epoch {start_epoch}, step {step}, best {best["metric"]:.2f}')
+    ema = ModelEma(model, cfg['EMA']['decay']) if cfg['EMA']['decay'] > 0 else None  # from the loaded weights
+    if ema and states.get('ema'):
+        ema.set_state_dict(states['ema'])
+    ema_model = build_model(cfg) if ema else None
     net = paddle.DataParallel(model) if env.world_size > 1 else model
     metrics, history = {}, []  # history: training loss of every optimizer step (this process)
 
@@ -131,15 +150,17 @@ def main(argv=None) -> dict:
         paddle.seed(epoch_seed(G['seed'], epoch, env.rank))
         mixup.seed(epoch_seed(G['seed'], epoch, env.rank))
         train_set.set_epoch(epoch)
-        train_loader.batch_sampler.set_epoch(epoch)
+        train_loader.batch_sampler.set_epoch(epoch_seed(G['seed'], epoch, rank=0))  # one order for all ranks
         loss_sum, loss_n, seen, t_log, t_epoch = 0.0, 0, 0, time.perf_counter(), time.perf_counter()
-        epoch_step, step_loss = 0, 0.0
+        epoch_step, step_loss, epoch_images = 0, 0.0, 0
         for micro, (images, labels, _, bad) in enumerate(train_loader):
             skipped(bad)
-            if epoch_step == steps_per_epoch:
-                break
-            if batch_is_empty(labels):
-                continue
+            # A batch in which no image could be read still takes its turn, as a zero-weight image, so the
+            # accumulation count and every process's gradient all-reduce stay in step.
+            weight = 0.0 if batch_is_empty(labels) else 1.0
+            if not weight:
+                images = paddle.zeros([1, cfg['Model']['input_dim'], D['img_size'], D['img_size']])
+                labels = paddle.zeros([1], dtype='int64')
             images, targets = mixup(images, labels)
             last_micro = (micro + 1) % accum == 0
             # gradients are all-reduced only on the last micro-batch of an accumulation
@@ -147,18 +168,19 @@ def main(argv=None) -> dict:
             with sync:
                 with amp_ctx():
                     logits = net(images)
-                loss = soft_cross_entropy(logits, targets)
-                loss_value = float(loss)
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(
-                        f'loss is {loss_value} at epoch {epoch + 1}, optimizer step {step + 1} (micro-batch '
-                        f'{micro + 1} of the epoch): stopping. The last good checkpoint is {out_dir}/latest '
-                        f'(resume with -o Global.resume=auto); consider a lower Optimizer.lr.')
-                scaler.scale(loss / accum).backward()
-            loss_sum, loss_n, seen = loss_sum + loss_value, loss_n + 1, seen + labels.shape[0]
-            step_loss += loss_value / accum
+                loss = soft_cross_entropy(logits, targets) * weight / accum
+                scaler.scale(loss).backward()
+            step_loss += loss.detach()
+            seen += int(weight) * labels.shape[0]
+            epoch_images += int(weight) * labels.shape[0]
             if not last_micro:
                 continue
+            loss_value = float(step_loss)  # one device sync per optimizer step
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f'loss is {loss_value} at epoch {epoch + 1}, optimizer step {step + 1}: stopping before '
+                    f'the update. The last good checkpoint is {out_dir}/latest (resume with '
+                    f'-o Global.resume=auto); consider a lower Optimizer.lr.')
             scaler.step(optimizer)  # unscales, clips (Optimizer.clip_grad), skips the step on fp16 overflow
             scaler.update()
             optimizer.clear_grad()
@@ -166,8 +188,8 @@ def main(argv=None) -> dict:
             if ema:
                 ema.update(model)
             step, epoch_step = step + 1, epoch_step + 1
-            history.append(step_loss)
-            step_loss = 0.0
+            history.append(loss_value)
+            loss_sum, loss_n, step_loss = loss_sum + loss_value, loss_n + 1, 0.0
 
             now = time.perf_counter()
             log.progress(epoch_step, steps_per_epoch, f'loss {loss_value:.4f}')
@@ -182,8 +204,13 @@ def main(argv=None) -> dict:
                 log.scalar('train/lr', lr, step)
                 log.scalar('train/images_per_sec', ips, step)
                 loss_sum, loss_n, seen, t_log = 0.0, 0, 0, time.perf_counter()
+            if epoch_step == steps_per_epoch:
+                break
         if skipped.count:
             log.info(f'{skipped.count} unreadable training images skipped so far')
+        if epoch_images == 0:
+            raise DataError(f'no training image of epoch {epoch + 1} could be read ({skipped.count} unreadable, '
+                            f'listed above): check Data.train_root (README, Preparing data)')
 
         # ---- evaluate raw and EMA weights, keep the best
         last = epoch + 1 == G['epochs']
@@ -208,6 +235,7 @@ def main(argv=None) -> dict:
         if env.is_main:
             states = {'epoch': epoch + 1, 'step': step, 'best': best, 'metrics': metrics,
                       'ema': ema.state_dict() if ema else None, 'scaler': scaler.state_dict(),
+                      # the RNG state: every stream restarts each epoch from (seed, epoch, rank), see epoch_seed
                       'rng': {'seed': G['seed'], 'reseeded': 'every epoch from (seed, epoch, rank)'}, 'config': cfg,
                       'class_names': train_set.class_names}
             save_checkpoint(str(out_dir / 'latest'), model.state_dict(), optimizer_state(optimizer, model), states)

@@ -90,6 +90,15 @@ _CHOICES = {
     ('AMP', 'level'): ('O1', 'O2'),
 }
 
+# Keys whose default is None (unset): an example of what they take when set. Keys that must be positive.
+_NULLABLE = {('Global', 'pretrained_model'): 'output/run/best', ('Global', 'resume'): 'auto',
+             ('Global', 'max_steps_per_epoch'): 100, ('Data', 'train_list'): 'train_list.txt',
+             ('Data', 'val_list'): 'val_list.txt', ('Data', 'label_names'): 'labels.txt',
+             ('Optimizer', 'global_batch_size'): 4096}
+_POSITIVE = [('Global', k) for k in ('epochs', 'print_freq', 'eval_freq', 'save_epoch_freq', 'max_steps_per_epoch')] \
+    + [('Data', 'img_size'), ('Data', 'batch_size'), ('Optimizer', 'base_batch_size'),
+       ('Optimizer', 'global_batch_size')]
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says what to change."""
@@ -138,7 +147,12 @@ def validate(cfg: Dict[str, Dict[str, object]]) -> Dict[str, Dict[str, object]]:
         for key, value in values.items():
             if key not in DEFAULTS[section]:
                 raise ConfigError(f"unknown key '{section}.{key}'.{_closest(key, DEFAULTS[section])}")
-            out[section][key] = _check_type(f'{section}.{key}', value, DEFAULTS[section][key])
+            default = DEFAULTS[section][key]
+            out[section][key] = _check_type(f'{section}.{key}', value,
+                                            _NULLABLE.get((section, key)) if default is None else default)
+    for section, key in _POSITIVE:
+        if out[section][key] is not None and out[section][key] <= 0:
+            raise ConfigError(f'{section}.{key}={out[section][key]!r} must be positive')
     for (section, key), choices in _CHOICES.items():
         if out[section][key] not in choices:
             raise ConfigError(f"{section}.{key}={out[section][key]!r} is not one of {choices}")

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import paddle
 import paddle.distributed as dist
 
+from common.config import ConfigError
+
 
 @dataclass
 class Env:
@@ -19,6 +21,11 @@ class Env:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait until every process gets here (a no-op in a single process)."""
+        if self.world_size > 1:
+            dist.barrier()
 
 
 def cpu_cores() -> int:
@@ -43,7 +50,7 @@ def setup(device: str = 'auto') -> Env:
     if device == 'auto':
         device = 'gpu' if has_gpu else 'cpu'
     if device == 'gpu' and not has_gpu:
-        raise RuntimeError('Global.device=gpu, but this Paddle build sees no GPU: install paddlepaddle-gpu '
+        raise ConfigError('Global.device=gpu, but this Paddle build sees no GPU: install paddlepaddle-gpu '
                            '(README, Install) or use -o Global.device=cpu')
     paddle.set_device(device)  # under the launcher, 'gpu' means this process's GPU (FLAGS_selected_gpus)
     world_size = dist.get_world_size()

@@ -10,15 +10,14 @@ from typing import Optional
 
 
 class Logger:
-    def __init__(self, output_dir: Optional[str], enabled: bool = True, use_visualdl: bool = True,
-                 log_name: str = 'train.log'):
+    def __init__(self, output_dir: Optional[str], enabled: bool = True, use_visualdl: bool = True):
         self.enabled = enabled
         self.file = None
         self.vdl = None
         self.tty = sys.stdout.isatty()
         if enabled and output_dir:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
-            self.file = open(Path(output_dir) / log_name, 'a', encoding='utf-8')
+            self.file = open(Path(output_dir) / 'train.log', 'a', encoding='utf-8')
             if use_visualdl:
                 from visualdl import LogWriter  # imported here: only the logging process needs it
                 self.vdl = LogWriter(logdir=str(Path(output_dir) / 'vdl'))

@@ -51,6 +51,16 @@ def test_overrides_are_yaml_typed_and_strict():
         load_config(None, ['AMP.dtype=fp8'])
 
 
+@pytest.mark.parametrize('override, message', [
+    ('Global.print_freq=0', r'Global.print_freq=0 must be positive'),
+    ('Data.batch_size=-8', r'Data.batch_size=-8 must be positive'),
+    ('Global.max_steps_per_epoch=abc', r"Global.max_steps_per_epoch: expected int like 100, got 'abc'"),
+    ('Global.resume=5', r"Global.resume: expected str like 'auto', got 5")])
+def test_values_are_checked_before_the_run(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / 'quickstart.yaml', [override])
+
+
 def test_missing_config_file_is_a_clear_error():
     with pytest.raises(ConfigError, match='config file not found: nope.yaml'):
         load_config('nope.yaml')

@@ -1,6 +1,10 @@
 """common/device.py: the one place that picks the device and the CPU threads."""
 import os
 
+import paddle
+import pytest
+
+from common.config import ConfigError
 from common.device import setup, use_cpu_cores
 
 
@@ -19,3 +23,9 @@ def test_cpu_threads_are_this_process_share_of_the_cores(monkeypatch):
 def test_setup_on_this_machine():
     env = setup('auto')
     assert (env.device, env.rank, env.world_size, env.is_main) == ('cpu', 0, 1, True)
+
+
+@pytest.mark.skipif(paddle.device.is_compiled_with_cuda(), reason='this build has GPU support')
+def test_asking_for_a_gpu_on_a_cpu_build_is_a_config_error():
+    with pytest.raises(ConfigError, match='Global.device=gpu, but this Paddle build sees no GPU'):
+        setup('gpu')

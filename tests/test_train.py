@@ -1,6 +1,7 @@
 """train.py / eval.py: real runs of a tiny MaxViT on real image files."""
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 import eval as eval_py
 import train
-from common.checkpoint import load_checkpoint
+from common.checkpoint import CheckpointError, load_checkpoint
 from common.config import ConfigError, load_config
 from common.data import DataError, Mixup
 from common.optim import build_optimizer, cosine_lr, no_weight_decay
@@ -64,7 +65,7 @@ def test_checkpoint_holds_everything_to_continue(train_args, tmp_path):
 
 @pytest.mark.parametrize('level', ['O1', 'O2'])
 def test_amp_bf16_runs_on_cpu(train_args, level):
-    # On the CPU build AMP is plumbing only (parameters and outputs stay float32; reference.md, section 4):
+    # On the CPU build AMP is plumbing only (parameters and outputs stay float32):
     # this proves auto_cast, decorate, GradScaler and checkpointing run, not reduced-precision arithmetic.
     out = train.main(train_args('Global.epochs=1', 'AMP.enable=true', 'AMP.dtype=bfloat16', f'AMP.level={level}'))
     assert all(math.isfinite(x) for x in out['history']) and len(out['history']) == 7
@@ -167,6 +168,19 @@ def test_wrong_num_classes_is_a_clear_error(train_args):
         train.main(train_args('Model.num_classes=7'))
 
 
+def test_validation_classes_must_be_the_training_classes(train_args, shapes, copy_of):
+    val = copy_of(shapes[1], 'val_missing_class')
+    shutil.rmtree(sorted(val.iterdir())[3])  # every label after the 4th class would shift by one
+    with pytest.raises(DataError, match=r'validation classes \(9, .*\) are not the training classes \(10'):
+        train.main(train_args(f'Data.val_root={val}'))
+
+
+def test_resume_with_another_model_is_an_error(train_args, tmp_path):
+    train.main(train_args('Global.epochs=1', 'Global.max_steps_per_epoch=1'))
+    with pytest.raises(CheckpointError, match=r'weights do not fit this model:\n  shape of '):
+        train.main(train_args('Global.epochs=2', 'Global.resume=auto', 'Model.num_heads=2'))
+
+
 def test_finetune_new_classes_and_new_window(train_args, tmp_path):
     src = MaxViT(dict(tiny_args, stage_num_block=[1, 1, 1, 1], stem_dim=8, stage_dim=16, num_heads=1,
                       block_size=[3, 3], grid_size=[3, 3], num_classes=1000))
@@ -250,6 +264,8 @@ def test_batches_without_a_readable_image_are_skipped(train_args, shapes, copy_o
     root = copy_of(shapes[0], 'train_all_bad')
     for f in root.rglob('*.png'):
         f.write_bytes(b'garbage')
-    out = train.main(train_args(f'Data.train_root={root}', 'Data.num_workers=2'))
-    assert out['history'] == []
-    assert '120 unreadable training images skipped so far' in (tmp_path / 'out' / 'train.log').read_text()
+    # each batch takes its turn with zero weight (accumulation and all-reduce stay in step), then the epoch
+    # ends with an error, not a model trained on nothing
+    with pytest.raises(DataError, match=r'no training image of epoch 1 could be read \(112 unreadable'):
+        train.main(train_args(f'Data.train_root={root}', 'Data.num_workers=2'))  # 7 steps x 16 images
+    assert '112 unreadable training images skipped so far' in (tmp_path / 'out' / 'train.log').read_text()

@@ -361,9 +361,9 @@ def _convert(args, parser) -> int:
         cfg = load_config(args.config, args.override)
         model_args, where = cfg['Model'], args.config
         if classes and not args.drop_head and classes != model_args['num_classes']:
-            raise SystemExit(f"{args.src} has a {classes}-class classifier but {args.config} builds "
-                             f"{model_args['num_classes']} classes: add -o Model.num_classes={classes} to keep it, "
-                             f"or --drop-head to start from a fresh classifier")
+            raise ConversionError(f"{args.src} has a {classes}-class classifier but {args.config} builds "
+                                  f"{model_args['num_classes']} classes: add -o Model.num_classes={classes} to keep "
+                                  f"it, or --drop-head to start from a fresh classifier")
     model = MaxViT(model_args)
     resized: List[str] = []
     state = convert_state_dict(sd, model, drop_head=args.drop_head, resized=resized)

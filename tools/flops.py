@@ -9,7 +9,7 @@ MACs count every multiply-add of convolutions, linear layers and the two attenti
 operations torch's FlopCounterMode counts; "other" counts one operation per element of softmax, normalisation,
 activation and the elementwise steps (bias-table add, residual adds, SE gating), which MAC counts leave out.
 paddle.flops is not used: it fails with numpy >= 2.4, counts matmul and softmax as zero, and leaves
-total_ops/total_params buffers in the model (reference.md, section 4). Here forward hooks are added for one
+total_ops/total_params buffers in the model (all seen with Paddle 3.3). Here forward hooks are added for one
 forward pass and removed, so the model is left exactly as it was. Parameters are trainable ones (BatchNorm
 running statistics excluded, as timm counts).
 """
