@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -32,47 +33,111 @@ class DataError(FileNotFoundError):
 
 
 # ------------------------------------------------------------------------------------------------ RandAugment
-# RandAugment (Cubuk et al. 2020) with the operations and magnitude scale of the official TF code that MaxViT
-# used (EfficientNet's autoaugment.py): magnitude m maps an op to (m / 10) of its maximum, so the paper's
-# m = 15 goes beyond the maximum (e.g. rotations up to 45 degrees). Every signed op is negated half the time.
-_FILL = (128, 128, 128)
+# The official TF code's RandAugment, with PIL ops: RandAugment's docstring says what follows it and what does not.
+_MAX_LEVEL = 10.0
+_FILL = (128, 128, 128)                     # replace_value = [128] * 3
+_TRANSLATE_CONST, _CUTOUT_CONST = 100, 40   # augmentation_params: pixels (of ImageNet crops, see _pixels)
 
 
-def _signed(v: float) -> float:
-    return -v if random.random() < 0.5 else v
+def _enhance_arg(m: float) -> float:
+    return m / _MAX_LEVEL * 1.8 + 0.1
 
 
-def _affine(img, matrix):
-    return img.transform(img.size, Image.AFFINE, matrix, resample=Image.BILINEAR, fillcolor=_FILL)
+# Magnitude -> argument of each op (level_to_arg), before the random sign; in the official op order.
+RA_LEVEL_TO_ARG = {
+    'AutoContrast': lambda m: None,
+    'Equalize': lambda m: None,
+    'Invert': lambda m: None,
+    'Rotate': lambda m: m / _MAX_LEVEL * 30.0,                  # degrees
+    'Posterize': lambda m: int(m / _MAX_LEVEL * 4),             # bits kept
+    'Solarize': lambda m: int(m / _MAX_LEVEL * 256),            # threshold: pixels >= it are inverted
+    'Color': _enhance_arg,
+    'Contrast': _enhance_arg,
+    'Brightness': _enhance_arg,
+    'Sharpness': _enhance_arg,
+    'ShearX': lambda m: m / _MAX_LEVEL * 0.3,
+    'ShearY': lambda m: m / _MAX_LEVEL * 0.3,
+    'TranslateX': lambda m: m / _MAX_LEVEL * _TRANSLATE_CONST,  # pixels
+    'TranslateY': lambda m: m / _MAX_LEVEL * _TRANSLATE_CONST,
+    'Cutout': lambda m: int(m / _MAX_LEVEL * _CUTOUT_CONST),    # half side of the square, pixels
+    'SolarizeAdd': lambda m: int(m / _MAX_LEVEL * 110),         # added to pixels < 128
+}
+_RA_SIGNED = ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY')  # _randomly_negate_tensor
+
+
+def _pixels(img: Image.Image, v: float) -> float:
+    """The official pixel constants are for ImageNet crops (224 and larger): applied as they are there, scaled
+    by size / 224 on smaller images (the quickstart's 48 pixels), which they would otherwise mostly blank out."""
+    return v * min(1.0, min(img.size) / 224)
+
+
+def _affine(img: Image.Image, matrix) -> Image.Image:
+    return img.transform(img.size, Image.AFFINE, matrix, resample=Image.NEAREST, fillcolor=_FILL)
+
+
+def _cutout(img: Image.Image, pad: int) -> Image.Image:
+    pad, (w, h) = int(_pixels(img, pad)), img.size
+    cy, cx = random.randrange(h), random.randrange(w)
+    img = img.copy()
+    if pad > 0:
+        img.paste(_FILL, (max(0, cx - pad), max(0, cy - pad), min(w, cx + pad), min(h, cy + pad)))
+    return img
+
+
+def _solarize_add(img: Image.Image, addition: int, threshold: int = 128) -> Image.Image:
+    lut = [min(255, i + addition) if i < threshold else i for i in range(256)]
+    return img.point(lut * len(img.getbands()))
 
 
 _RA_OPS = {
-    'AutoContrast': lambda img, m: ImageOps.autocontrast(img),
-    'Equalize': lambda img, m: ImageOps.equalize(img),
-    'Invert': lambda img, m: ImageOps.invert(img),
-    'Rotate': lambda img, m: img.rotate(_signed(30 * m), resample=Image.BILINEAR, fillcolor=_FILL),
-    'Posterize': lambda img, m: ImageOps.posterize(img, max(1, int(4 * m))),
-    'Solarize': lambda img, m: ImageOps.solarize(img, max(0, 256 - int(256 * m))),
-    'Color': lambda img, m: ImageEnhance.Color(img).enhance(max(0.0, 1 + _signed(0.9 * m))),
-    'Contrast': lambda img, m: ImageEnhance.Contrast(img).enhance(max(0.0, 1 + _signed(0.9 * m))),
-    'Brightness': lambda img, m: ImageEnhance.Brightness(img).enhance(max(0.0, 1 + _signed(0.9 * m))),
-    'Sharpness': lambda img, m: ImageEnhance.Sharpness(img).enhance(max(0.0, 1 + _signed(0.9 * m))),
-    'ShearX': lambda img, m: _affine(img, (1, _signed(0.3 * m), 0, 0, 1, 0)),
-    'ShearY': lambda img, m: _affine(img, (1, 0, 0, _signed(0.3 * m), 1, 0)),
-    'TranslateX': lambda img, m: _affine(img, (1, 0, _signed(0.45 * m) * img.size[0], 0, 1, 0)),
-    'TranslateY': lambda img, m: _affine(img, (1, 0, 0, 0, 1, _signed(0.45 * m) * img.size[1])),
+    'AutoContrast': lambda img, v: ImageOps.autocontrast(img),
+    'Equalize': lambda img, v: ImageOps.equalize(img),
+    'Invert': lambda img, v: ImageOps.invert(img),
+    'Rotate': lambda img, v: img.rotate(v, resample=Image.NEAREST, fillcolor=_FILL),
+    'Posterize': lambda img, v: ImageOps.posterize(img, min(8, max(1, v))),  # TF clamps the shift to 0..7
+    'Solarize': lambda img, v: ImageOps.solarize(img, v),
+    'Color': lambda img, v: ImageEnhance.Color(img).enhance(v),
+    'Contrast': lambda img, v: ImageEnhance.Contrast(img).enhance(v),
+    'Brightness': lambda img, v: ImageEnhance.Brightness(img).enhance(v),
+    'Sharpness': lambda img, v: ImageEnhance.Sharpness(img).enhance(v),
+    'ShearX': lambda img, v: _affine(img, (1, v, 0, 0, 1, 0)),
+    'ShearY': lambda img, v: _affine(img, (1, 0, 0, v, 1, 0)),
+    'TranslateX': lambda img, v: _affine(img, (1, 0, _pixels(img, v), 0, 1, 0)),
+    'TranslateY': lambda img, v: _affine(img, (1, 0, 0, 0, 1, _pixels(img, v))),
+    'Cutout': _cutout,
+    'SolarizeAdd': _solarize_add,
 }
 
 
+def randaugment_op(img: Image.Image, name: str, magnitude: float) -> Image.Image:
+    """Apply one RandAugment op at ``magnitude`` (rotate, shear and translate get a random sign)."""
+    v = RA_LEVEL_TO_ARG[name](float(magnitude))
+    if name in _RA_SIGNED and random.random() < 0.5:
+        v = -v
+    return _RA_OPS[name](img, v)
+
+
 class RandAugment:
-    """Apply ``num_ops`` random operations of magnitude ``magnitude`` (0..10 scale, may exceed 10) to a PIL image."""
+    """RandAugment of the official TF code: ``distort_image_with_randaugment`` in autoaugment.py
+    (google/automl efficientnetv2; tensorflow/tpu models/official/efficientnet), ``_MAX_LEVEL = 10``.
+
+    As there: the 16 ops of ``available_ops`` in its order; each of the ``num_ops`` layers picks one uniformly
+    (with replacement) and always applies it (the code draws ``prob = uniform(0.2, 0.8)`` per op and discards it:
+    ``func, _, args = _parse_policy_info(...)``); the magnitude becomes each op's argument as in ``level_to_arg``
+    (RA_LEVEL_TO_ARG), beyond its range when magnitude > 10 (at 15 Solarize's threshold is 384: no pixel
+    changes); rotate/shear/translate are negated half the time; empty pixels and the cutout square are 128 grey;
+    geometric ops sample the nearest pixel. Unlike there: the ops are PIL's, which the TF ops re-implement, so
+    pixels can differ by rounding, and Contrast blends toward the mean grey level, as PIL does (TF's ``contrast``
+    blends toward pixel count / 256); translate and cutout sizes shrink on images under 224 pixels (_pixels).
+    (tensorflow/models official/vision/ops/augment.py ``RandAugment``, a later version, adds an identity branch.)
+    Randomness comes from Python's ``random``, which ImageDataset seeds per sample."""
 
     def __init__(self, num_ops: int = 2, magnitude: float = 15):
-        self.num_ops, self.m = num_ops, magnitude / 10.0
+        self.num_ops, self.magnitude = num_ops, float(magnitude)
 
     def __call__(self, img: Image.Image) -> Image.Image:
         for name in random.choices(list(_RA_OPS), k=self.num_ops):
-            img = _RA_OPS[name](img, self.m)
+            img = randaugment_op(img, name, self.magnitude)
         return img
 
 
@@ -158,22 +223,44 @@ def folder_samples(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
     return samples, classes
 
 
+def _read_text(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding='utf-8')
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f'cannot read {what} {path}: {getattr(e, "strerror", None) or e} ({DATA_HELP})') from None
+
+
 def filelist_samples(root: str, list_file: str, label_names: Optional[str]) -> Tuple[List, List[str]]:
+    """Samples of a "relative/path label" list file; labels are class indices 0, 1, ... Class names: the lines
+    of the ``label_names`` file (one per class, in label order), else "0" .. "<largest label>"."""
     if not list_file or not Path(list_file).is_file():
         raise DataError(f'file list not found: {list_file} (lines "relative/path label"; {DATA_HELP})')
-    samples = []
-    for n, line in enumerate(Path(list_file).read_text(encoding='utf-8').splitlines(), 1):
+    rows = []
+    for n, line in enumerate(_read_text(list_file, 'file list').splitlines(), 1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip('-').isdigit():
+        if len(parts) != 2 or not re.fullmatch(r'-?[0-9]+', parts[1]):
             raise DataError(f'{list_file}:{n}: expected "relative/path label", got {line!r} ({DATA_HELP})')
-        samples.append((os.path.join(root, parts[0]), int(parts[1])))
+        if int(parts[1]) < 0:
+            raise DataError(f'{list_file}:{n}: label {parts[1]} is negative; labels are class indices 0, 1, 2, ... '
+                            f'(number the classes from 0; {DATA_HELP})')
+        rows.append((n, os.path.join(root, parts[0]), int(parts[1])))
+    if not rows:
+        raise DataError(f'file list {list_file} is empty (expected lines "relative/path label"; {DATA_HELP})')
     if label_names:
-        names = [s.strip() for s in Path(label_names).read_text(encoding='utf-8').splitlines() if s.strip()]
+        names = [s.strip() for s in _read_text(label_names, 'label names file').splitlines() if s.strip()]
+        if not names:
+            raise DataError(f'label names file {label_names} is empty (expected one class name per line; '
+                            f'{DATA_HELP})')
+        for n, _, label in rows:
+            if label >= len(names):
+                raise DataError(f'{list_file}:{n}: label {label} is out of range: {label_names} names '
+                                f'{len(names)} classes (labels 0..{len(names) - 1}); add the missing class names '
+                                f'or fix the label ({DATA_HELP})')
     else:
-        names = [str(i) for i in range(max(label for _, label in samples) + 1)]
-    return samples, names
+        names = [str(i) for i in range(max(label for _, _, label in rows) + 1)]
+    return [(path, label) for _, path, label in rows], names
 
 
 def build_dataset(cfg: Dict, split: str) -> ImageDataset:

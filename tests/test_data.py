@@ -1,0 +1,266 @@
+"""common/data.py: RandAugment against the official TF code, and the checks of the file-list format.
+
+The official code is ``distort_image_with_randaugment`` / ``level_to_arg`` in autoaugment.py (google/automl
+efficientnetv2; the same in tensorflow/tpu models/official/efficientnet), ``_MAX_LEVEL = 10``. The expected
+values below are worked out by hand from it.
+"""
+import copy
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import common.data as data
+from common.config import DEFAULTS
+from common.data import (RA_LEVEL_TO_ARG, DataError, ImageDataset, RandAugment, build_transform, filelist_samples,
+                         randaugment_op)
+
+OFFICIAL_OPS = ['AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'Color', 'Contrast',
+                'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Cutout', 'SolarizeAdd']
+
+# level_to_arg at magnitude m: m/10 * 30 degrees, int(m/10 * 4) bits, int(m/10 * 256), m/10 * 1.8 + 0.1, m/10 * 0.3,
+# m/10 * 100 pixels (translate_const), int(m/10 * 40) pixels (cutout_const), int(m/10 * 110)
+EXPECTED = {
+    15: dict(Rotate=45.0, Posterize=6, Solarize=384, Color=2.8, Contrast=2.8, Brightness=2.8, Sharpness=2.8,
+             ShearX=0.45, ShearY=0.45, TranslateX=150.0, TranslateY=150.0, Cutout=60, SolarizeAdd=165),
+    5: dict(Rotate=15.0, Posterize=2, Solarize=128, Color=1.0, Contrast=1.0, Brightness=1.0, Sharpness=1.0,
+            ShearX=0.15, ShearY=0.15, TranslateX=50.0, TranslateY=50.0, Cutout=20, SolarizeAdd=55),
+}
+
+
+def arr(img):
+    return np.asarray(img).astype(np.int64)
+
+
+def gradient(size=16):
+    """Every value 0..255 once per channel."""
+    v = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    return Image.fromarray(np.stack([v, v[::-1], v.T], -1)).resize((size, size), Image.NEAREST)
+
+
+def noise(size=64, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(10, 246, (size, size, 3), dtype=np.uint8))
+
+
+def constant(value, size=224):
+    return Image.new('RGB', (size, size), value)
+
+
+def coordinates(size=224):
+    """R = x, G = 7, B = y: where each output pixel came from, and G = 128 marks the 128-grey fill."""
+    x, y = np.meshgrid(np.arange(size), np.arange(size))
+    return Image.fromarray(np.stack([x, np.full_like(x, 7), y], -1).astype(np.uint8))
+
+
+def each_seed(img, name, m, seeds=range(8)):
+    out = []
+    for s in seeds:
+        random.seed(s)
+        out.append(arr(randaugment_op(img, name, m)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ RandAugment
+def test_randaugment_has_the_official_ops_in_order():
+    assert list(RA_LEVEL_TO_ARG) == OFFICIAL_OPS
+    assert list(data._RA_OPS) == OFFICIAL_OPS
+
+
+@pytest.mark.parametrize('m', [15, 5])
+def test_randaugment_magnitude_to_argument_is_official(m):
+    for name in ('AutoContrast', 'Equalize', 'Invert'):
+        assert RA_LEVEL_TO_ARG[name](m) is None
+    for name, expected in EXPECTED[m].items():
+        got = RA_LEVEL_TO_ARG[name](m)
+        assert got == pytest.approx(expected), name
+        if isinstance(expected, int):
+            assert isinstance(got, int), name
+
+
+def test_solarize_threshold_is_official():
+    img = gradient()
+    for out in each_seed(img, 'Solarize', 15):  # threshold 384: no pixel is >= it, nothing changes
+        np.testing.assert_array_equal(out, arr(img))
+    x = arr(img)
+    for out in each_seed(img, 'Solarize', 5):   # threshold 128: pixels >= 128 inverted
+        np.testing.assert_array_equal(out, np.where(x < 128, x, 255 - x))
+
+
+def test_solarize_add_adds_to_dark_pixels():
+    img, x = gradient(), arr(gradient())
+    for m, add in ((15, 165), (5, 55)):
+        for out in each_seed(img, 'SolarizeAdd', m):
+            np.testing.assert_array_equal(out, np.where(x < 128, np.minimum(255, x + add), x))
+
+
+def test_posterize_keeps_the_official_bits():
+    img, x = gradient(), arr(gradient())
+    for m, mask in ((15, 0b11111100), (5, 0b11000000)):
+        for out in each_seed(img, 'Posterize', m):
+            np.testing.assert_array_equal(out, x & mask)
+
+
+def test_enhance_factor_is_unsigned_and_official():
+    img = noise()
+    for name in ('Color', 'Contrast', 'Brightness', 'Sharpness'):  # factor 1.0 at m = 5: the image itself
+        for out in each_seed(img, name, 5):
+            np.testing.assert_array_equal(out, arr(img), err_msg=name)
+    for out in each_seed(constant((50, 50, 50), 8), 'Brightness', 15):  # factor 2.8 every time: 50 -> 140
+        assert (out == 140).all()
+    for out in each_seed(constant((50, 50, 50), 8), 'Brightness', 1):   # factor 0.28: 50 -> 14
+        assert (out == 14).all()
+
+
+@pytest.mark.parametrize('name, axis', [('TranslateX', 0), ('TranslateY', 2)])
+def test_translate_is_official_pixels_with_grey_fill(name, axis):
+    img = coordinates()
+    shifts = set()
+    for out in each_seed(img, name, 5):  # 50 pixels (translate_const 100 at m = 10), either direction
+        filled = out[..., 1] == 128
+        assert (out[filled] == 128).all()
+        moved = np.unique(out[~filled][:, axis] - arr(img)[~filled][:, axis])
+        assert len(moved) == 1
+        shifts.add(int(moved[0]))
+        assert filled.sum() == 50 * 224
+    assert shifts == {50, -50}
+
+
+def test_translate_and_cutout_shrink_on_small_images():
+    img = coordinates(48)
+    for out in each_seed(img, 'TranslateX', 15):  # 150 * 48 / 224 = 32.1 pixels
+        filled = out[..., 1] == 128
+        assert abs(int(np.unique(out[~filled][:, 0] - arr(img)[~filled][:, 0])[0])) == 32
+    for out in each_seed(constant((10, 200, 30), 48), 'Cutout', 15, seeds=range(30)):
+        grey = (out == 128).all(-1)
+        assert 0 < grey.sum() <= (2 * int(60 * 48 / 224)) ** 2
+
+
+def test_rotate_and_shear_degrees_and_fill_are_official():
+    img = noise()
+    rotations = {d: arr(img.rotate(d, resample=Image.NEAREST, fillcolor=(128,) * 3)) for d in (45.0, -45.0)}
+    seen = set()
+    for out in each_seed(img, 'Rotate', 15):
+        match = [d for d, r in rotations.items() if np.array_equal(out, r)]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert seen == {45.0, -45.0}
+    shears = {s: arr(img.transform(img.size, Image.AFFINE, (1, s, 0, 0, 1, 0), resample=Image.NEAREST,
+                                   fillcolor=(128,) * 3)) for s in (0.45, -0.45)}
+    seen = set()
+    for out in each_seed(img, 'ShearX', 15):
+        match = [s for s, r in shears.items() if np.array_equal(out, r)]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert seen == {0.45, -0.45}
+
+
+def test_cutout_is_a_grey_square_of_official_size():
+    img = constant((10, 200, 30))
+    sides = set()
+    for out in each_seed(img, 'Cutout', 5, seeds=range(20)):  # pad 20: a 40 x 40 square, cut at the borders
+        grey = (out == 128).all(-1)
+        assert ((out == (10, 200, 30)).all(-1) | grey).all()
+        ys, xs = np.nonzero(grey)
+        h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        assert grey.sum() == h * w and h <= 40 and w <= 40
+        sides.add((h, w))
+    assert (40, 40) in sides
+
+
+def test_each_selected_op_is_always_applied(monkeypatch):
+    # The official code draws prob = uniform(0.2, 0.8) for each op but discards it: the chosen op always runs.
+    img = noise()
+    for name in OFFICIAL_OPS:  # every op changes this image at m = 9, so an unchanged image means a skipped op
+        random.seed(0)
+        assert not np.array_equal(arr(randaugment_op(img, name, 9)), arr(img)), name
+    chosen = []
+    for name, op in list(data._RA_OPS.items()):
+        monkeypatch.setitem(data._RA_OPS, name, lambda im, v, name=name, op=op: chosen.append(name) or op(im, v))
+    ra = RandAugment(1, 9)
+    for s in range(300):
+        random.seed(s)
+        assert not np.array_equal(arr(ra(img)), arr(img)), s
+    assert set(chosen) == set(OFFICIAL_OPS) and len(chosen) == 300  # uniform over all 16, one per layer
+    chosen.clear()
+    RandAugment(2, 15)(img)
+    assert len(chosen) == 2
+
+
+def test_randaugment_is_deterministic_given_pythons_random_seed(tmp_path):
+    img = noise()
+    ra = RandAugment(2, 15)
+    random.seed(7)
+    np.random.seed(1)
+    a = arr(ra(img))
+    random.seed(7)
+    np.random.seed(2)  # NumPy's state plays no part
+    np.testing.assert_array_equal(arr(ra(img)), a)
+    outs = []
+    for s in range(10):
+        random.seed(s)
+        outs.append(arr(ra(img)))
+    assert len({o.tobytes() for o in outs}) > 5
+    # ... and through the dataset, which seeds per (seed, epoch, index)
+    img.save(tmp_path / 'a.png')
+    cfg = copy.deepcopy(DEFAULTS)
+    cfg['Data'].update(img_size=32)
+    ds = ImageDataset([(str(tmp_path / 'a.png'), 0)], ['a'], build_transform(cfg, train=True), seed=3)
+    np.testing.assert_array_equal(ds[0][0], ds[0][0])
+    ds.set_epoch(1)
+    assert not np.array_equal(ds[0][0], ImageDataset(ds.samples, ['a'], ds.transform, seed=3)[0][0])
+
+
+# ------------------------------------------------------------------------------------------------ file lists
+def write(path, text):
+    path.write_text(text, encoding='utf-8')
+    return str(path)
+
+
+def test_filelist_reads_paths_labels_and_names(tmp_path):
+    lst = write(tmp_path / 'list.txt', 'cats/a b.png 1\n\ndogs/c.png 0\n')
+    assert filelist_samples('/root', lst, None) == ([('/root/cats/a b.png', 1), ('/root/dogs/c.png', 0)], ['0', '1'])
+    names = write(tmp_path / 'labels.txt', 'dog\ncat\n')
+    assert filelist_samples('/root', lst, names)[1] == ['dog', 'cat']
+
+
+def test_filelist_negative_label_is_an_error_naming_the_line(tmp_path):
+    lst = write(tmp_path / 'list.txt', 'a.png 0\nb.png -1\n')
+    with pytest.raises(DataError, match=r'list\.txt:2: label -1 is negative; labels are class indices 0, 1, 2'):
+        filelist_samples(str(tmp_path), lst, None)
+
+
+@pytest.mark.parametrize('line', ['a.png', 'a.png 1.5', 'a.png cat', 'a.png ３'])
+def test_filelist_label_must_be_an_integer(tmp_path, line):
+    lst = write(tmp_path / 'list.txt', f'ok.png 0\n{line}\n')
+    with pytest.raises(DataError, match=r'list\.txt:2: expected "relative/path label"'):
+        filelist_samples(str(tmp_path), lst, None)
+
+
+@pytest.mark.parametrize('text', ['', '\n  \n'])
+def test_empty_filelist_is_a_data_error(tmp_path, text):
+    lst = write(tmp_path / 'list.txt', text)
+    with pytest.raises(DataError, match=r'file list .*list\.txt is empty \(expected lines "relative/path label"'):
+        filelist_samples(str(tmp_path), lst, None)
+
+
+def test_label_beyond_the_label_names_is_an_error_naming_the_line(tmp_path):
+    lst = write(tmp_path / 'list.txt', 'a.png 0\nb.png 1\nc.png 2\n')
+    names = write(tmp_path / 'labels.txt', 'dog\ncat\n')
+    with pytest.raises(DataError, match=r'list\.txt:3: label 2 is out of range: .*labels\.txt names 2 classes '
+                                        r'\(labels 0\.\.1\); add the missing class names or fix the label'):
+        filelist_samples(str(tmp_path), lst, names)
+
+
+def test_unreadable_label_names_file_is_a_data_error_naming_it(tmp_path):
+    lst = write(tmp_path / 'list.txt', 'a.png 0\n')
+    with pytest.raises(DataError, match=r'cannot read label names file .*nope\.txt'):
+        filelist_samples(str(tmp_path), lst, str(tmp_path / 'nope.txt'))
+    (tmp_path / 'folder').mkdir()
+    with pytest.raises(DataError, match=r'cannot read label names file .*folder'):
+        filelist_samples(str(tmp_path), lst, str(tmp_path / 'folder'))
+    (tmp_path / 'bin.txt').write_bytes(b'\xff\xfe\x00bad')
+    with pytest.raises(DataError, match=r'cannot read label names file .*bin\.txt'):
+        filelist_samples(str(tmp_path), lst, str(tmp_path / 'bin.txt'))
+    with pytest.raises(DataError, match=r'label names file .*empty\.txt is empty'):
+        filelist_samples(str(tmp_path), lst, write(tmp_path / 'empty.txt', '\n'))
