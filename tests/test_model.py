@@ -222,6 +222,29 @@ def test_drop_path_backward_keeps_only_the_per_sample_scale():
     np.testing.assert_array_equal(x.grad.numpy(), np.where(y.numpy() == 0, 0.0, 2.0))
 
 
+@pytest.mark.parametrize('act', ['gelu', 'gelu_tanh', 'silu'])
+def test_mlp_training_backward_recomputes_the_activation_and_matches_plain_autograd(act):
+    mlp = maxvit.Mlp(8, 32, act)
+    x = paddle.randn([2, 3, 5, 8])
+    x.stop_gradient = False
+    g = paddle.randn([2, 3, 5, 8])
+
+    def grads(out):
+        (out * g).sum().backward()
+        got = [t.grad.numpy().copy() for t in (x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)]
+        x.clear_gradient()
+        mlp.clear_gradients()
+        return out.numpy(), got
+
+    saved = []
+    with paddle.autograd.saved_tensors_hooks(lambda t: saved.append(list(t.shape)) or t, lambda t: t):
+        fast = mlp(x)
+    assert [2, 3, 5, 32] in saved and saved.count([2, 3, 5, 32]) == 1  # h kept, act(h) not
+    plain = mlp.fc2(mlp.act(mlp.fc1(x)))  # Paddle's own autograd, all the way
+    for a, b in zip(*[[o] + gs for o, gs in (grads(fast), grads(plain))]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_reset_classifier_for_fine_tuning():
     model = MaxViT(dict(tiny_args, stage_num_block=[1, 1, 1, 1], stem_dim=8, stage_dim=16, num_heads=1))
     model.reset_classifier(37)
