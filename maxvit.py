@@ -486,6 +486,8 @@ class Window_Block(nn.Layer):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer, drop)
 
     def _attend(self, x: paddle.Tensor) -> paddle.Tensor:
+        """Attention within each partition of x: (B, H, W, C) -> (B, H, W, C), padded and masked when H or W
+        is not a multiple of the partition size."""
         B, H, W, C = x.shape
         ph, pw = self.partition_size
         pad_h, pad_w = -H % ph, -W % pw

@@ -229,7 +229,7 @@ def main(argv=None) -> dict:
             if is_best:
                 best = {'metric': metrics[which]['top1'], 'epoch': epoch + 1, 'weights': which}
         else:
-            is_best = False
+            is_best, metrics = False, {}  # the checkpoint's metrics are this epoch's, or none
 
         # ---- checkpoints (rank 0): latest always, best when it improved, epoch_N every save_epoch_freq
         if env.is_main:

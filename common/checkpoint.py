@@ -254,11 +254,18 @@ def adapt_state_dict(model: MaxViT, state: Dict[str, np.ndarray], new_classifier
     return out, resized, skipped
 
 
+def checkpoint_prefix(path: str):
+    """The prefix of the training checkpoint ``path`` names (PREFIX or one of its files), or None when ``path``
+    is not one (a plain weights file)."""
+    prefix = resolve_prefix(str(path))
+    return prefix if Path(prefix + '.pdstates').is_file() and Path(prefix + '.pdparams').is_file() else None
+
+
 def load_weights(path: str, ema: bool = False) -> Tuple[Dict[str, np.ndarray], str]:
     """Weights from a .pdparams/.safetensors/.npz file or a training checkpoint prefix; with ``ema``, a training
     checkpoint's EMA weights. Returns (state dict, description of what was loaded)."""
-    prefix = resolve_prefix(str(path))
-    if Path(prefix + '.pdstates').is_file() and Path(prefix + '.pdparams').is_file():
+    prefix = checkpoint_prefix(path)
+    if prefix:
         recover(prefix)
         if ema:
             saved = load_file(prefix + '.pdstates').get('ema')

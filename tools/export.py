@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 import yaml  # noqa: E402
 
-from common.checkpoint import CheckpointError, load_file, load_pretrained, resolve_prefix  # noqa: E402
+from common.checkpoint import CheckpointError, checkpoint_prefix, load_file, load_pretrained  # noqa: E402
 from common.config import ConfigError, add_config_args, build_model, load_config  # noqa: E402
 from common.device import cpu_cores  # noqa: E402
 
@@ -62,8 +62,8 @@ class Probabilities(paddle.nn.Layer):
 def checkpoint_class_names(path: str) -> Optional[List[str]]:
     """Class names stored in a training checkpoint's .pdstates (train.py writes them), or None when ``path``
     is a plain weights file or the checkpoint has none."""
-    prefix = resolve_prefix(str(path))
-    if not (Path(prefix + '.pdstates').is_file() and Path(prefix + '.pdparams').is_file()):
+    prefix = checkpoint_prefix(path)
+    if not prefix:
         return None
     names = load_file(prefix + '.pdstates').get('class_names')
     return [str(n) for n in names] if names else None
