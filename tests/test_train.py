@@ -113,8 +113,11 @@ def test_killed_run_leaves_a_loadable_checkpoint_and_resumes(train_args, tmp_pat
 
 
 def test_two_process_cpu_run(train_args, tmp_path):
-    out = tmp_path / 'dist'
-    args = train_args('Global.epochs=1', 'Optimizer.global_batch_size=64', output=out)
+    # on the built-in data, not written yet: rank 0 writes it while rank 1 waits (README: Training)
+    out, data = tmp_path / 'dist', tmp_path / 'shapes'
+    args = train_args('Global.epochs=1', 'Optimizer.global_batch_size=64', 'Data.format=shapes',
+                      f'Data.train_root={data / "train"}', f'Data.val_root={data / "val"}',
+                      'Global.max_steps_per_epoch=1', output=out)
     log_dir = tmp_path / 'launch_log'
     result = subprocess.run([sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2',
                              '--log_dir', str(log_dir), str(ROOT / 'train.py')] + args,
@@ -124,7 +127,7 @@ def test_two_process_cpu_run(train_args, tmp_path):
     text = (out / 'train.log').read_text()
     # 64 images per optimizer step = 16 per process x 2 processes x 2 accumulation steps
     assert 'global batch 64 = 16 x 2 processes x 2 accumulation; 1 steps/epoch' in text
-    assert 'epoch 1 eval (raw)' in text and '(40 images,' in text  # every val image once across both ranks
+    assert 'epoch 1 eval (raw)' in text and '(500 images,' in text  # every val image once across both ranks
     assert (out / 'latest.pdparams').exists()
     assert 'epoch 1/1' not in logs.get('workerlog.1', '')  # only rank 0 logs
 
