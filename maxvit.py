@@ -608,6 +608,12 @@ class MaxViT(nn.Layer):
         """Class probabilities (B, num_classes): softmax of the logits, for export and prediction."""
         return F.softmax(self(x), axis=-1)
 
+    def bias_table_windows(self) -> Dict[str, List[int]]:
+        """{state-dict name of every relative bias table: its window [h, w]}: what loading weights trained at
+        another window size resizes each table to."""
+        return {f'{name}.relative_bias_table': list(layer.window_size)
+                for name, layer in self.named_sublayers() if isinstance(layer, Rel_Attention)}
+
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a freshly initialised one for ``num_classes`` classes."""
         self.args['num_classes'] = num_classes

@@ -21,7 +21,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import paddle
 
-from maxvit import MaxViT, Rel_Attention, resize_relative_bias_table
+from maxvit import MaxViT, resize_relative_bias_table
 
 EXTS = ('.pdparams', '.pdopt', '.pdstates')  # the .pdstates is written and renamed last: it marks completion
 
@@ -222,8 +222,7 @@ def adapt_state_dict(model: MaxViT, state: Dict[str, np.ndarray], new_classifier
     fresh one stays. Returns (state, resized keys, skipped keys).
     Any other missing, unexpected or mis-shaped tensor is a CheckpointError listing all of them."""
     target = model.state_dict()
-    windows = {f'{name}.relative_bias_table': layer.window_size for name, layer in model.named_sublayers()
-               if isinstance(layer, Rel_Attention)}
+    windows = model.bias_table_windows()
     out, resized, skipped, problems = {}, [], [], []
     for key, value in state.items():
         if key not in target:

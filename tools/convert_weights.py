@@ -231,13 +231,6 @@ def timm_to_paddle_name(key: str) -> Optional[str]:
     return None
 
 
-def _bias_table_windows(model) -> Dict[str, List[int]]:
-    """{state-dict name of every relative bias table: its window (h, w)}."""
-    from maxvit import Rel_Attention
-    return {f'{name}.relative_bias_table': list(layer.window_size)
-            for name, layer in model.named_sublayers() if isinstance(layer, Rel_Attention)}
-
-
 def convert_state_dict(timm_sd: Dict[str, np.ndarray], model, *, resize_bias_tables: bool = True,
                        drop_head: bool = False, resized: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
     """Map a timm maxvit_*_tf_* state dict onto ``model`` (a maxvit.MaxViT): {our name: numpy array}.
@@ -251,7 +244,7 @@ def convert_state_dict(timm_sd: Dict[str, np.ndarray], model, *, resize_bias_tab
     from maxvit import resize_relative_bias_table
 
     target = {k: list(v.shape) for k, v in model.state_dict().items()}
-    windows = _bias_table_windows(model)
+    windows = model.bias_table_windows()
     out: Dict[str, np.ndarray] = {}
     unmapped, mismatched, seen = [], [], set()
     for key, value in timm_sd.items():
