@@ -11,7 +11,6 @@ Each process evaluates its own shard; the sums are reduced across processes, eve
 import argparse
 import sys
 import time
-from contextlib import nullcontext
 
 import paddle
 import paddle.distributed as dist
@@ -20,7 +19,7 @@ import paddle.nn.functional as F
 from common.checkpoint import CheckpointError, load_pretrained
 from common.config import ConfigError, add_config_args, build_model, load_config
 from common.data import DataError, SkipReport, batch_is_empty, build_dataset, build_loader
-from common.device import setup
+from common.device import amp_context, setup
 
 
 @paddle.no_grad()
@@ -28,8 +27,7 @@ def evaluate(model, loader, world_size: int = 1, amp=None, report_skipped=None) 
     """Top-1/top-5 accuracy (%), mean cross-entropy and throughput of ``model`` over ``loader``, which yields
     (images (B, C, H, W), labels (B,), indices (B,), unreadable paths) as ImageDataset.collate makes them."""
     model.eval()
-    amp_ctx = (lambda: paddle.amp.auto_cast(level=amp['level'], dtype=amp['dtype'])) if amp and amp['enable'] \
-        else nullcontext
+    amp_ctx = amp_context(amp)
     sums = paddle.zeros([4], dtype='float64')  # correct@1, correct@5, loss sum, images
     start = time.perf_counter()
     for images, labels, _, bad in loader:
@@ -65,11 +63,8 @@ def main(argv=None) -> dict:
     if not g['pretrained_model']:
         raise ConfigError('nothing to evaluate: pass -o Global.pretrained_model=PATH (weights or checkpoint prefix)')
 
-    if not env.is_main:  # rank 0 first: it writes the built-in dataset when it is missing
-        env.barrier()
-    dataset = build_dataset(cfg, 'val')
-    if env.is_main:
-        env.barrier()
+    with env.main_first():  # rank 0 writes the built-in dataset when it is missing
+        dataset = build_dataset(cfg, 'val')
     classes = len(dataset.class_names)  # a file list may lack the last classes; a folder tree must have them all
     if classes > cfg['Model']['num_classes'] or (cfg['Data']['format'] != 'filelist'
                                                  and classes != cfg['Model']['num_classes']):

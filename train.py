@@ -29,7 +29,7 @@ from common.checkpoint import (CheckpointError, adapt_state_dict, copy_checkpoin
                                recover, resolve_prefix, save_checkpoint, set_model_state)
 from common.config import ConfigError, add_config_args, build_model, load_config
 from common.data import DataError, Mixup, SkipReport, batch_is_empty, build_dataset, build_loader
-from common.device import peak_memory_gb, setup
+from common.device import amp_context, peak_memory_gb, setup
 from common.logger import Logger, eta
 from common.optim import ModelEma, build_optimizer, load_optimizer_state, optimizer_state
 from eval import evaluate
@@ -64,11 +64,8 @@ def main(argv=None) -> dict:
     log.info(f'{args.config} on {env.world_size} x {env.device}, Paddle {paddle.__version__}, output {out_dir}')
 
     # ---- data (rank 0 first: it writes the built-in dataset when it is missing; the others wait and read it)
-    if not env.is_main:
-        env.barrier()
-    train_set, val_set = build_dataset(cfg, 'train'), build_dataset(cfg, 'val')
-    if env.is_main:
-        env.barrier()
+    with env.main_first():
+        train_set, val_set = build_dataset(cfg, 'train'), build_dataset(cfg, 'val')
     num_classes = cfg['Model']['num_classes']
     if num_classes != len(train_set.class_names):
         raise ConfigError(f"Model.num_classes is {num_classes} but {D['train_root']} has "
@@ -76,9 +73,9 @@ def main(argv=None) -> dict:
     # a missing class folder would shift every label after it (a file list may just lack the last classes)
     names, val_names = train_set.class_names, val_set.class_names
     if val_names != names[:len(val_names)] or (D['format'] != 'filelist' and len(val_names) != len(names)):
-        raise DataError(f"the validation classes ({len(val_set.class_names)}, {D['val_root']}) are not the training "
-                        f"classes ({len(train_set.class_names)}, {D['train_root']}): both need the same class "
-                        f"folders or label names (README, Preparing data)")
+        raise DataError(f"the validation classes ({len(val_names)}, {D['val_root']}) are not the training "
+                        f"classes ({len(names)}, {D['train_root']}): both need the same class folders or label "
+                        f"names (README, Preparing data)")
     train_loader = build_loader(train_set, cfg, train=True, rank=env.rank, world_size=env.world_size)
     val_loader = build_loader(val_set, cfg, train=False, rank=env.rank, world_size=env.world_size)
     skipped = SkipReport(train_set, log.info)
@@ -103,9 +100,8 @@ def main(argv=None) -> dict:
     # ---- model, optimizer, AMP, EMA
     resume = G['resume']
     if resume == 'auto':
-        if env.is_main:
-            recover(str(out_dir / 'latest'))  # finish a save that a kill interrupted, before anyone looks
-        env.barrier()
+        with env.main_first():  # rank 0 finishes a save that a kill interrupted, before the others look
+            recover(str(out_dir / 'latest'))
         resume = str(out_dir / 'latest') if (out_dir / 'latest.pdstates').exists() else None
     model = build_model(cfg)
     log.info(f'MaxViT: {sum(int(p.numel()) for p in model.parameters() if not p.stop_gradient):,} trainable '
@@ -120,7 +116,7 @@ def main(argv=None) -> dict:
         model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level='O2', dtype=A['dtype'])
     scaler = paddle.amp.GradScaler(enable=A['enable'] and A['dtype'] == 'float16',
                                    init_loss_scaling=A['init_loss_scaling'])
-    amp_ctx = (lambda: paddle.amp.auto_cast(level=A['level'], dtype=A['dtype'])) if A['enable'] else nullcontext
+    amp_ctx = amp_context(A)
     mixup = Mixup(D['mixup'], D['cutmix'], D['mix_prob'], D['label_smoothing'], num_classes)
 
     # ---- resume: everything that makes the continued run identical to an uninterrupted one

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import paddle
@@ -27,6 +28,24 @@ class Env:
         if self.world_size > 1:
             dist.barrier()
 
+    @contextmanager
+    def main_first(self):
+        """Run the block on rank 0 first, then on the other processes: rank 0 writes what they then read
+        (the built-in dataset on first use, an interrupted checkpoint save it finishes)."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+
+def amp_context(amp: dict):
+    """A factory of autocast contexts for the config's AMP section (``with amp_context(cfg['AMP'])():``); the
+    same code path on CPU and GPU."""
+    if not amp or not amp['enable']:
+        return nullcontext
+    return lambda: paddle.amp.auto_cast(level=amp['level'], dtype=amp['dtype'])
+
 
 def cpu_cores() -> int:
     """Cores this process may run on (its affinity mask, where the OS has one)."""
@@ -49,7 +68,7 @@ def use_cpu_cores() -> int:
     * Threads: this process's share of the cores. Eager Paddle runs MKL on one thread unless MKL_NUM_THREADS
       says otherwise, which made MaxViT-T 1.35x slower on 2 cores.
     * AMD CPUs: the MKL that Paddle bundles takes a slow generic code path on non-Intel CPUs unless
-      MKL_DEBUG_CPU_TYPE=5 lets it use its AVX2 kernels: float32 GEMM went from 95 to 227 GFLOP/s on the
+      MKL_DEBUG_CPU_TYPE=5 lets it use its AVX2 kernels: float32 GEMM went from 95 to 229 GFLOP/s on the
       2-core AMD EPYC we test on (torch's own MKL: 222).
     """
     per_process = max(1, cpu_cores() // int(os.environ.get('PADDLE_LOCAL_SIZE', '1')))  # processes on this machine

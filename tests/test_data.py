@@ -139,20 +139,21 @@ def test_translate_and_cutout_shrink_on_small_images():
 def test_rotate_and_shear_degrees_and_fill_are_official():
     img = noise()
     rotations = {d: arr(img.rotate(d, resample=Image.NEAREST, fillcolor=(128,) * 3)) for d in (45.0, -45.0)}
-    seen = set()
-    for out in each_seed(img, 'Rotate', 15):
-        match = [d for d, r in rotations.items() if np.array_equal(out, r)]
-        assert len(match) == 1
-        seen.add(match[0])
-    assert seen == {45.0, -45.0}
+    assert_each_seed_gives_one_of(img, 'Rotate', rotations)
     shears = {s: arr(img.transform(img.size, Image.AFFINE, (1, s, 0, 0, 1, 0), resample=Image.NEAREST,
                                    fillcolor=(128,) * 3)) for s in (0.45, -0.45)}
+    assert_each_seed_gives_one_of(img, 'ShearX', shears)
+
+
+def assert_each_seed_gives_one_of(img, op, expected):
+    """At magnitude 15, every seeded draw of ``op`` equals exactly one of ``expected`` (argument: image), and
+    every one of them occurs (both signs)."""
     seen = set()
-    for out in each_seed(img, 'ShearX', 15):
-        match = [s for s, r in shears.items() if np.array_equal(out, r)]
+    for out in each_seed(img, op, 15):
+        match = [k for k, want in expected.items() if np.array_equal(out, want)]
         assert len(match) == 1
         seen.add(match[0])
-    assert seen == {0.45, -0.45}
+    assert seen == set(expected)
 
 
 def test_cutout_is_a_grey_square_of_official_size():
