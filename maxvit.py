@@ -26,6 +26,7 @@ Differences from the article's code (each is tested in tests/test_model.py):
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -175,10 +176,6 @@ def _act(name: str) -> nn.Layer:
     return nn.GELU(approximate=(name == 'gelu_tanh'))
 
 
-def _batch_norm(channels: int, args: Dict[str, object]) -> nn.BatchNorm2D:
-    return nn.BatchNorm2D(channels, momentum=args['bn_momentum'], epsilon=args['bn_eps'])
-
-
 def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, bias: bool = True,
           same: bool = False) -> nn.Conv2D:
     """Conv2D with 'k//2' padding, or TensorFlow 'SAME' padding when it is strided and ``same`` is set
@@ -246,34 +243,39 @@ class SE(nn.Layer):
 class MBConv(nn.Layer):
     """Pre-norm inverted bottleneck: BN -> 1x1 expand -> BN act -> kxk depthwise (stride) -> BN act -> SE
     -> 1x1 project [-> BN], plus a shortcut (pool + 1x1 conv when it downsamples). (B, Cin, H, W) ->
-    (B, Cout, ceil(H/stride), ceil(W/stride))."""
+    (B, Cout, ceil(H/stride), ceil(W/stride)).
+
+    The positional arguments are the article's; the keyword-only ones are the layout options of DEFAULT_ARGS
+    (article values by default, TF_LAYOUT for the official layout).
+    """
 
     def __init__(self, in_dim: int, out_dim: int, kernel_size: int = 3, stride_size: int = 1,
-                 expand_rate: float = 4, se_rate: float = 0.25, drop_path: float = 0.0,
-                 args: Optional[Dict[str, object]] = None):
+                 expand_rate: float = 4, se_rate: float = 0.25, drop_path: float = 0.0, *,
+                 act_layer: str = 'gelu', se_act: str = 'gelu', conv_bias: bool = True, out_norm: bool = True,
+                 shortcut_pool: str = 'max3', shortcut_conv_always: bool = True, same_padding: bool = False,
+                 bn_eps: float = 1e-5, bn_momentum: float = 0.9):
         super().__init__()
-        args = check_args(args or {})
         hidden_dim = int(expand_rate * out_dim)
-        bias, same = args['mbconv_conv_bias'], args['same_padding']
-        self.bn = _batch_norm(in_dim, args)
-        self.expand_conv = nn.Sequential(_conv(in_dim, hidden_dim, 1, bias=bias),
-                                         _batch_norm(hidden_dim, args), _act(args['act_layer']))
+        bn = functools.partial(nn.BatchNorm2D, momentum=bn_momentum, epsilon=bn_eps)
+        self.bn = bn(in_dim)
+        self.expand_conv = nn.Sequential(_conv(in_dim, hidden_dim, 1, bias=conv_bias), bn(hidden_dim),
+                                         _act(act_layer))
         self.dw_conv = nn.Sequential(_conv(hidden_dim, hidden_dim, kernel_size, stride_size, groups=hidden_dim,
-                                           bias=bias, same=same),
-                                     _batch_norm(hidden_dim, args), _act(args['act_layer']))
-        self.se = SE(hidden_dim, max(1, int(out_dim * se_rate)), args['se_act'])
+                                           bias=conv_bias, same=same_padding),
+                                     bn(hidden_dim), _act(act_layer))
+        self.se = SE(hidden_dim, max(1, int(out_dim * se_rate)), se_act)
         out_conv = [_conv(hidden_dim, out_dim, 1)]
-        if args['mbconv_out_norm']:
-            out_conv.append(_batch_norm(out_dim, args))
+        if out_norm:
+            out_conv.append(bn(out_dim))
         self.out_conv = nn.Sequential(*out_conv)
         shortcut = []
         if stride_size > 1:
-            if args['shortcut_pool'] == 'max3':
+            if shortcut_pool == 'max3':
                 shortcut.append(nn.MaxPool2D(kernel_size, stride_size, kernel_size // 2))
             else:
-                shortcut.append(nn.AvgPool2D(stride_size, stride_size, padding='SAME' if same else 0,
-                                             ceil_mode=not same))
-        if in_dim != out_dim or (stride_size > 1 and args['shortcut_conv_always']):
+                shortcut.append(nn.AvgPool2D(stride_size, stride_size, padding='SAME' if same_padding else 0,
+                                             ceil_mode=not same_padding))
+        if in_dim != out_dim or (stride_size > 1 and shortcut_conv_always):
             shortcut.append(nn.Conv2D(in_dim, out_dim, 1))
         self.proj = nn.Sequential(*shortcut) if shortcut else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -522,7 +524,11 @@ class Max_Block(nn.Layer):
                  args: Dict[str, object]):
         super().__init__()
         self.mbconv = MBConv(in_dim, out_dim, args['mbconv_ksize'], stride, args['mbconv_expand_rate'],
-                             args['se_rate'], drop_path, args)
+                             args['se_rate'], drop_path, act_layer=args['act_layer'], se_act=args['se_act'],
+                             conv_bias=args['mbconv_conv_bias'], out_norm=args['mbconv_out_norm'],
+                             shortcut_pool=args['shortcut_pool'], shortcut_conv_always=args['shortcut_conv_always'],
+                             same_padding=args['same_padding'], bn_eps=args['bn_eps'],
+                             bn_momentum=args['bn_momentum'])
         attn_kwargs = dict(mlp_ratio=args['mlp_ratio'], qkv_bias=args['qkv_bias'], qk_scale=args['qk_scale'],
                            drop=args['drop'], attn_drop=args['attn_drop'], drop_path=drop_path,
                            act_layer=args['act_layer'])
@@ -547,10 +553,11 @@ class MaxViT(nn.Layer):
         args = check_args(args)
         self.args = args
         stem, act, same = args['stem_dim'], args['act_layer'], args['same_padding']
-        stem_layers = [_conv(args['input_dim'], stem, 3, 2, same=same), _batch_norm(stem, args), _act(act),
+        bn = functools.partial(nn.BatchNorm2D, momentum=args['bn_momentum'], epsilon=args['bn_eps'])
+        stem_layers = [_conv(args['input_dim'], stem, 3, 2, same=same), bn(stem), _act(act),
                        _conv(stem, stem, 3, 1)]
         if args['stem_out_norm']:
-            stem_layers += [_batch_norm(stem, args), _act(act)]
+            stem_layers += [bn(stem), _act(act)]
         self.conv_stem = nn.Sequential(*stem_layers)
         self.feature_info = [dict(num_chs=stem, reduction=2, module='conv_stem')]
 
@@ -573,7 +580,7 @@ class MaxViT(nn.Layer):
         self.num_features = in_dim
 
         if args['head'] == 'conv':
-            self.last_conv = nn.Sequential(nn.Conv2D(in_dim, in_dim, 1), _batch_norm(in_dim, args), _act(act))
+            self.last_conv = nn.Sequential(nn.Conv2D(in_dim, in_dim, 1), bn(in_dim), _act(act))
         else:
             self.norm = nn.LayerNorm(in_dim)
             self.pre_logits = nn.Sequential(nn.Linear(in_dim, in_dim), nn.Tanh())
