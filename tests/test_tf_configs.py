@@ -68,3 +68,9 @@ def test_official_layout_config_is_the_timm_model_and_recipe(name):
         assert opt['base_batch_size'] == opt['global_batch_size'] == 512 and opt['weight_decay'] == 1e-8
     assert glob['pretrained_model'] is None and f'weights/{name}.pdparams' in path.read_text()
     assert glob['output_dir'] == f'output/{name}'
+
+
+def test_every_config_writes_to_its_own_output_dir():
+    """resume=auto reads OUTPUT_DIR/latest: two configs sharing a folder would resume each other's runs."""
+    dirs = {p.stem: load_config(p)['Global']['output_dir'] for p in CONFIGS.glob('*.yaml')}
+    assert {name: d for name, d in dirs.items() if d != f'output/{name}'} == {}
