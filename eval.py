@@ -10,48 +10,12 @@ Each process evaluates its own shard; the sums are reduced across processes, eve
 """
 import argparse
 import sys
-import time
-
-import paddle
-import paddle.distributed as dist
-import paddle.nn.functional as F
 
 from common.checkpoint import CheckpointError, load_pretrained
 from common.config import ConfigError, add_config_args, build_model, load_config
-from common.data import DataError, SkipReport, batch_is_empty, build_dataset, build_loader
-from common.device import amp_context, setup
-
-
-@paddle.no_grad()
-def evaluate(model, loader, world_size: int = 1, amp=None, report_skipped=None) -> dict:
-    """Top-1/top-5 accuracy (%), mean cross-entropy and throughput of ``model`` over ``loader``, which yields
-    (images (B, C, H, W), labels (B,), indices (B,), unreadable paths) as ImageDataset.collate makes them."""
-    model.eval()
-    amp_ctx = amp_context(amp)
-    sums = paddle.zeros([4], dtype='float64')  # correct@1, correct@5, loss sum, images
-    start = time.perf_counter()
-    for images, labels, _, bad in loader:
-        if report_skipped:
-            report_skipped(bad)
-        if batch_is_empty(labels):
-            continue
-        with amp_ctx():
-            logits = model(images)
-        logits = logits.astype('float32')
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, axis=1)[1]
-        hits = (top == labels.unsqueeze(1)).astype('float64')
-        sums += paddle.stack([hits[:, 0].sum(), hits.sum(), F.cross_entropy(logits, labels, reduction='sum')
-                              .astype('float64'), paddle.to_tensor(float(labels.shape[0]), 'float64')])
-    if world_size > 1:
-        dist.all_reduce(sums)
-    seconds = time.perf_counter() - start
-    correct1, correct5, loss_sum, n = sums.numpy().tolist()
-    if n == 0:
-        raise DataError('no validation image could be read: check Data.val_root / Data.val_list (the skipped '
-                        'files are listed above)')
-    return {'top1': 100 * correct1 / n, 'top5': 100 * correct5 / n, 'loss': loss_sum / n,
-            'images': int(n), 'images_per_sec': n / seconds}
+from common.data import DataError, SkipReport, build_dataset, build_loader
+from common.device import setup
+from common.evaluate import evaluate
 
 
 def main(argv=None) -> dict:

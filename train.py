@@ -28,16 +28,17 @@ import yaml
 from common.checkpoint import (CheckpointError, adapt_state_dict, copy_checkpoint, load_checkpoint, load_pretrained,
                                recover, resolve_prefix, save_checkpoint, set_model_state)
 from common.config import ConfigError, add_config_args, build_model, load_config
-from common.data import DataError, Mixup, SkipReport, batch_is_empty, build_dataset, build_loader
+from common.data import DataError, SkipReport, batch_is_empty, build_dataset, build_loader
 from common.device import amp_context, peak_memory_gb, setup
+from common.evaluate import evaluate
 from common.logger import Logger, eta
+from common.mixup import Mixup
 from common.optim import ModelEma, build_optimizer, load_optimizer_state, optimizer_state
-from eval import evaluate
 
 
 def soft_cross_entropy(logits, targets):
     """Cross-entropy against soft targets (label smoothing, Mixup/CutMix), computed in float32."""
-    return -(targets * F.log_softmax(logits.astype('float32'), axis=-1)).sum(axis=-1).mean()
+    return F.cross_entropy(logits.astype('float32'), targets, soft_label=True)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:

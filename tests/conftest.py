@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from common.data import make_shapes_dataset
+from common.shapes import make_shapes_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import common.data as data
+import common.transforms as transforms
 from common.config import DEFAULTS
-from common.data import (RA_LEVEL_TO_ARG, DataError, ImageDataset, RandAugment, build_transform, filelist_samples,
-                         randaugment_op)
+from common.data import DataError, ImageDataset, filelist_samples
+from common.transforms import RA_LEVEL_TO_ARG, RandAugment, build_transform, randaugment_op
 
 OFFICIAL_OPS = ['AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'Color', 'Contrast',
                 'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Cutout', 'SolarizeAdd']
@@ -64,7 +64,7 @@ def each_seed(img, name, m, seeds=range(8)):
 # ------------------------------------------------------------------------------------------------ RandAugment
 def test_randaugment_has_the_official_ops_in_order():
     assert list(RA_LEVEL_TO_ARG) == OFFICIAL_OPS
-    assert list(data._RA_OPS) == OFFICIAL_OPS
+    assert list(transforms._RA_OPS) == OFFICIAL_OPS
 
 
 @pytest.mark.parametrize('m', [15, 5])
@@ -176,8 +176,8 @@ def test_each_selected_op_is_always_applied(monkeypatch):
         random.seed(0)
         assert not np.array_equal(arr(randaugment_op(img, name, 9)), arr(img)), name
     chosen = []
-    for name, op in list(data._RA_OPS.items()):
-        monkeypatch.setitem(data._RA_OPS, name, lambda im, v, name=name, op=op: chosen.append(name) or op(im, v))
+    for name, op in list(transforms._RA_OPS.items()):
+        monkeypatch.setitem(transforms._RA_OPS, name, lambda im, v, name=name, op=op: chosen.append(name) or op(im, v))
     ra = RandAugment(1, 9)
     for s in range(300):
         random.seed(s)

@@ -20,7 +20,9 @@ import tools.export as export
 import tools.predict as predict
 from common.checkpoint import load_file, load_pretrained
 from common.config import ConfigError, build_model, load_config
-from common.data import DataError, SHAPES, build_transform
+from common.data import DataError
+from common.shapes import SHAPES
+from common.transforms import build_transform
 from conftest import TINY
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,8 @@ import eval as eval_py
 import train
 from common.checkpoint import CheckpointError, load_checkpoint
 from common.config import ConfigError, load_config
-from common.data import DataError, Mixup
+from common.data import DataError
+from common.mixup import Mixup
 from common.optim import build_optimizer, cosine_lr, no_weight_decay
 from maxvit import MaxViT, tiny_args
 

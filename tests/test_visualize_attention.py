@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from common.config import build_model, load_config
-from common.data import render_shape
+from common.shapes import render_shape
 from reference import brute_force_attention
 from tools import visualize_attention as va
 

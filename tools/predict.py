@@ -8,7 +8,7 @@
 
 --images takes image files, folders (searched recursively for image files) and glob patterns (quote them to let
 this script expand them; '**' recurses), any number of each. Images go through the evaluation preprocessing
-(common.data.build_transform) in batches of --batch-size.
+(common.transforms.build_transform) in batches of --batch-size.
 
 Two ways to run a model:
 * -c CONFIG -o Global.pretrained_model=WEIGHTS: the dynamic-graph model, built from the config; from a training
@@ -38,7 +38,8 @@ from PIL import Image  # noqa: E402
 
 from common.checkpoint import CheckpointError, load_pretrained  # noqa: E402
 from common.config import ConfigError, add_config_args, build_model, load_config, validate  # noqa: E402
-from common.data import IMG_EXTENSIONS, DataError, build_transform  # noqa: E402
+from common.data import IMG_EXTENSIONS, DataError  # noqa: E402
+from common.transforms import build_transform  # noqa: E402
 from common.device import setup  # noqa: E402
 from tools.export import (ExportError, checkpoint_class_names, create_predictor, load_meta,  # noqa: E402
                           run_predictor)

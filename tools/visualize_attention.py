@@ -6,7 +6,7 @@
         -o Global.pretrained_model=weights/maxvit_t_tf_224.pdparams --image dog.jpg --query 100 120 \
         --stage 1 --block 1 --out attention.png
 
-The image goes through the eval transform of the config (common.data.build_transform(cfg, train=False)); the
+The image goes through the eval transform of the config (common.transforms.build_transform(cfg, train=False)); the
 picture shows that model input, and --query ROW COL are pixel coordinates in it. The query is mapped to the
 feature map of Max_Block --block of stage --stage (0-based: model.max_blocks[stage][block]; cell =
 floor(ROW * map_height / input_height), same for columns). Without Global.pretrained_model the weights are
@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from common.checkpoint import CheckpointError, load_pretrained  # noqa: E402
 from common.config import ConfigError, add_config_args, build_model, load_config  # noqa: E402
-from common.data import build_transform  # noqa: E402
+from common.transforms import build_transform  # noqa: E402
 
 # Layout of the picture, in pixels: panels of the image's aspect with the longer side PANEL (--panel).
 PAD = 8              # around and between panels

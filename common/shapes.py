@@ -1,0 +1,82 @@
+"""The built-in quickstart dataset: 10 classes of rendered shapes, written once as PNG files.
+
+Each image is one large shape of random colour, position, scale and rotation on a plain random background, with
+up to two distractor strokes; the same seed writes the same files.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+
+SHAPES = ['circle', 'square', 'triangle', 'star', 'cross', 'ring', 'hexagon', 'diamond', 'arrow', 'crescent']
+SHAPES_PER_CLASS = {'train': 200, 'val': 50}
+
+
+def _shape_polygon(kind: str, cx: float, cy: float, r: float, angle: float):
+    def rot(points):
+        c, s = math.cos(angle), math.sin(angle)
+        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in points]
+    if kind == 'square':
+        return rot([(-r, -r), (r, -r), (r, r), (-r, r)])
+    if kind == 'diamond':
+        return rot([(0, -r), (0.6 * r, 0), (0, r), (-0.6 * r, 0)])
+    if kind == 'triangle':
+        return rot([(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)])
+    if kind == 'hexagon':
+        return rot([(r * math.cos(k * math.pi / 3), r * math.sin(k * math.pi / 3)) for k in range(6)])
+    if kind == 'star':
+        return rot([((r if k % 2 == 0 else 0.4 * r) * math.cos(k * math.pi / 5 - math.pi / 2),
+                     (r if k % 2 == 0 else 0.4 * r) * math.sin(k * math.pi / 5 - math.pi / 2)) for k in range(10)])
+    if kind == 'cross':
+        t = 0.3 * r
+        return rot([(-t, -r), (t, -r), (t, -t), (r, -t), (r, t), (t, t), (t, r), (-t, r), (-t, t), (-r, t),
+                    (-r, -t), (-t, -t)])
+    if kind == 'arrow':
+        return rot([(-r, -0.25 * r), (0.2 * r, -0.25 * r), (0.2 * r, -0.6 * r), (r, 0), (0.2 * r, 0.6 * r),
+                    (0.2 * r, 0.25 * r), (-r, 0.25 * r)])
+    raise ValueError(kind)
+
+
+def render_shape(kind: str, rng: random.Random, size: int = 64) -> Image.Image:
+    """One image: a shape of random colour, position, scale and rotation on a random two-tone background."""
+    bg = tuple(rng.randrange(256) for _ in range(3))
+    img = Image.new('RGB', (size, size), bg)
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randrange(3)):  # distractor strokes
+        draw.line([(rng.uniform(0, size), rng.uniform(0, size)) for _ in range(2)],
+                  fill=tuple(rng.randrange(256) for _ in range(3)), width=rng.randrange(1, 3))
+    while True:  # a foreground colour that stands out from the background
+        fg = tuple(rng.randrange(256) for _ in range(3))
+        if sum(abs(a - b) for a, b in zip(fg, bg)) > 160:
+            break
+    r = rng.uniform(0.22, 0.42) * size
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    angle = rng.uniform(0, 2 * math.pi)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if kind == 'circle':
+        draw.ellipse(box, fill=fg)
+    elif kind == 'ring':
+        draw.ellipse(box, outline=fg, width=max(2, int(r * 0.3)))
+    elif kind == 'crescent':
+        draw.ellipse(box, fill=fg)
+        dx, dy = 0.45 * r * math.cos(angle), 0.45 * r * math.sin(angle)
+        draw.ellipse([box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy], fill=bg)
+    else:
+        draw.polygon(_shape_polygon(kind, cx, cy, r, angle), fill=fg)
+    return img
+
+
+def make_shapes_dataset(root: str, images_per_class: int, seed: int, size: int = 64) -> None:
+    """Write the quickstart dataset: ROOT/<shape>/<n>.png, the same files for the same seed."""
+    tmp = Path(str(root) + '.partial')
+    for label, kind in enumerate(SHAPES):
+        (tmp / kind).mkdir(parents=True, exist_ok=True)
+        rng = random.Random(seed * 1000 + label)
+        for n in range(images_per_class):
+            render_shape(kind, rng, size).save(tmp / kind / f'{n:04d}.png')
+    os.replace(tmp, root)  # appears complete or not at all
