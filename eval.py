@@ -28,7 +28,7 @@ def main(argv=None) -> dict:
         raise ConfigError('nothing to evaluate: pass -o Global.pretrained_model=PATH (weights or checkpoint prefix)')
 
     with env.main_first():  # rank 0 writes the built-in dataset when it is missing
-        dataset = build_dataset(cfg, 'val')
+        dataset = build_dataset(cfg, 'val', print if env.is_main else lambda msg: None)
     classes = len(dataset.class_names)  # a file list may lack the last classes; a folder tree must have them all
     if classes > cfg['Model']['num_classes'] or (cfg['Data']['format'] != 'filelist'
                                                  and classes != cfg['Model']['num_classes']):

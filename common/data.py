@@ -12,9 +12,11 @@ A corrupt or unreadable image is dropped from its batch; the loader reports whic
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 import re
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -22,7 +24,8 @@ import numpy as np
 import paddle
 from PIL import Image
 
-from common.shapes import SHAPES_PER_CLASS, make_shapes_dataset
+from common.device import die_with_parent
+from common.shapes import SHAPES, SHAPES_PER_CLASS, make_shapes_dataset
 from common.transforms import build_transform
 
 DATA_HELP = 'see README.md, section "Preparing data"'
@@ -133,15 +136,22 @@ def filelist_samples(root: str, list_file: str, label_names: Optional[str]) -> T
     return [(path, label) for _, path, label in rows], names
 
 
-def build_dataset(cfg: Dict, split: str) -> ImageDataset:
-    """split: 'train' or 'val'."""
+def build_dataset(cfg: Dict, split: str, log=print) -> ImageDataset:
+    """split: 'train' or 'val'. ``log`` says where the built-in dataset comes from (written or reused)."""
     d = cfg['Data']
     root = d[f'{split}_root']
     if d['format'] == 'filelist':
         samples, names = filelist_samples(root, d[f'{split}_list'], d['label_names'])
     else:
-        if d['format'] == 'shapes' and not Path(root).is_dir():
-            make_shapes_dataset(root, images_per_class=SHAPES_PER_CLASS[split], seed={'train': 0, 'val': 1}[split])
+        if d['format'] == 'shapes':
+            count = SHAPES_PER_CLASS[split] * len(SHAPES)
+            if Path(root).is_dir():
+                log(f'{split}: the built-in shapes dataset in {root}/ (written before; delete it to write it anew)')
+            else:
+                start = time.perf_counter()
+                make_shapes_dataset(root, images_per_class=SHAPES_PER_CLASS[split], seed={'train': 0, 'val': 1}[split])
+                log(f'{split}: wrote the built-in shapes dataset, {count} PNG files ({len(SHAPES)} classes x '
+                    f'{SHAPES_PER_CLASS[split]}), to {root}/ in {time.perf_counter() - start:.1f} s')
         samples, names = folder_samples(root)
     return ImageDataset(samples, names, build_transform(cfg, split == 'train'), seed=cfg['Global']['seed'])
 
@@ -165,18 +175,35 @@ class ShardSampler(paddle.io.Sampler):
         return len(self.indices)
 
 
+class TrainBatchSampler(paddle.io.DistributedBatchSampler):
+    """Paddle's shuffling, sharding batch sampler that can start an epoch at batch ``skip`` (a mid-epoch resume):
+    the epoch's order is the same (set_epoch), the first ``skip`` batches are passed over without being read."""
+    skip = 0
+
+    def __iter__(self):
+        for i, batch in enumerate(super().__iter__()):
+            if i >= self.skip:
+                yield batch
+
+
+def _worker_init(parent_pid: int, worker_id: int) -> None:
+    die_with_parent(parent_pid)
+
+
 def build_loader(dataset: ImageDataset, cfg: Dict, train: bool, rank: int = 0,
                  world_size: int = 1) -> paddle.io.DataLoader:
     """Each process reads its own shard. Train: shuffled per epoch (set_epoch), last partial batch dropped."""
     batch_size = cfg['Data']['batch_size']
     if train:
-        sampler = paddle.io.DistributedBatchSampler(dataset, batch_size, num_replicas=world_size, rank=rank,
-                                                    shuffle=True, drop_last=True)
+        sampler = TrainBatchSampler(dataset, batch_size, num_replicas=world_size, rank=rank, shuffle=True,
+                                    drop_last=True)
     else:
         sampler = paddle.io.BatchSampler(sampler=ShardSampler(len(dataset), rank, world_size),
                                          batch_size=batch_size, drop_last=False)
+    # workers die with this process, even when it is killed with SIGKILL (they outlived it by minutes before)
     return paddle.io.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg['Data']['num_workers'],
-                                collate_fn=dataset.collate, use_shared_memory=cfg['Data']['use_shared_memory'])
+                                collate_fn=dataset.collate, use_shared_memory=cfg['Data']['use_shared_memory'],
+                                worker_init_fn=functools.partial(_worker_init, os.getpid()))
 
 
 class SkipReport:

@@ -2,8 +2,11 @@
 CPU machine exercise the same code as a GPU cluster."""
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
+import signal
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -37,6 +40,18 @@ class Env:
         yield
         if self.is_main:
             self.barrier()
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies, however it dies (kill -9 included), so that
+    DataLoader workers and launched trainers never run on as orphans (Linux; elsewhere a no-op).
+    ``parent_pid`` is the parent at fork time: if it died before this call, exit now."""
+    if not sys.platform.startswith('linux'):
+        return
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def amp_context(amp: dict):
@@ -91,6 +106,7 @@ def setup(device: str = 'auto') -> Env:
     paddle.set_device(device)  # under the launcher, 'gpu' means this process's GPU (FLAGS_selected_gpus)
     world_size = dist.get_world_size()
     if world_size > 1:
+        die_with_parent(os.getppid())  # the launcher: a killed launcher takes its trainers with it
         dist.init_parallel_env()  # NCCL on GPU, gloo on CPU
     return Env(device=device, rank=dist.get_rank(), world_size=world_size)
 

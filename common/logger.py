@@ -51,5 +51,38 @@ class Logger:
             self.file.close()
 
 
-def eta(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+class StepTimer:
+    """The time left in a run, from moving averages of the seconds per optimizer step and per evaluation, so the
+    estimate follows the machine's current speed (a loaded machine, a slower epoch) rather than the run's mean.
+    The first 10 samples are averaged plainly, later ones weigh 10%."""
+
+    def __init__(self, steps_left: int, evals_left: int):
+        self.steps_left, self.evals_left = steps_left, evals_left
+        self.step_avg = self.eval_avg = None
+        self.steps = self.evals = 0
+        self.last = time.perf_counter()
+
+    @staticmethod
+    def _update(avg, n, value):
+        return value if avg is None else avg + (value - avg) * max(0.1, 1.0 / n)
+
+    def step(self) -> None:
+        now = time.perf_counter()
+        self.steps += 1
+        self.step_avg = self._update(self.step_avg, self.steps, now - self.last)
+        self.steps_left, self.last = self.steps_left - 1, now
+
+    def pause(self) -> None:
+        self.paused = time.perf_counter()
+
+    def resume(self, evaluated: bool = False) -> None:
+        now = time.perf_counter()
+        if evaluated:
+            self.evals += 1
+            self.eval_avg = self._update(self.eval_avg, self.evals, now - self.paused)
+            self.evals_left -= 1
+        self.last = now
+
+    def eta(self) -> str:
+        seconds = self.steps_left * (self.step_avg or 0.0) + self.evals_left * (self.eval_avg or 0.0)
+        return str(datetime.timedelta(seconds=int(max(seconds, 0))))
