@@ -36,6 +36,41 @@ class DataError(FileNotFoundError):
     """A dataset that is missing or unusable; the message names the path and where the README explains it."""
 
 
+# Transparent pixels are composited onto white: images with alpha are mostly logos and cut-outs made for a page.
+_BACKGROUND = (255, 255, 255)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB, keeping what the pixels mean. Pillow's own convert('RGB') saturates 16- and
+    32-bit images ('I;16', 'I': 99.6% of a 16-bit PNG became 255) and drops transparency to whatever colour
+    hides under it ('LA', 'P' with a transparent index, 'RGBA'). Here: 16-bit modes ('I;16*', and 'I', which
+    is how Pillow opens 16-bit PNGs) scale 0..65535 to 0..255; 'F' (float TIFF) scales 0..1 to 0..255 when all
+    values are within [0, 1], else clips to 0..255; alpha is composited onto white; 'CMYK', '1', 'L', 'YCbCr'
+    use Pillow's conversion."""
+    if img.mode.startswith('I;16') or img.mode == 'I':
+        values = np.asarray(img, dtype=np.float64) / 257.0
+        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), 'L')
+    elif img.mode == 'F':
+        values = np.asarray(img, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        if finite.size and finite.min() >= 0 and finite.max() <= 1:
+            values = values * 255.0
+        img = Image.fromarray(np.clip(np.rint(np.nan_to_num(values)), 0, 255).astype(np.uint8), 'L')
+    if img.mode == 'P' and 'transparency' in img.info or img.mode in ('LA', 'PA', 'La', 'RGBa'):
+        img = img.convert('RGBA')
+    if img.mode == 'RGBA':
+        background = Image.new('RGBA', img.size, _BACKGROUND + (255,))
+        img = Image.alpha_composite(background, img)
+    return img.convert('RGB')
+
+
+def read_rgb(path: str) -> Image.Image:
+    """The image file at ``path`` as 8-bit RGB (to_rgb); PIL's errors for unreadable files pass through."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
 class ImageDataset(paddle.io.Dataset):
     """(path, label) samples read from disk with PIL. ``__getitem__`` returns (image CHW float32, label, index);
     the image is None when the file cannot be read (the loader's collate drops it and reports the index)."""
@@ -51,8 +86,7 @@ class ImageDataset(paddle.io.Dataset):
         self.epoch = epoch
 
     def load(self, index: int) -> Image.Image:
-        with Image.open(self.samples[index][0]) as img:
-            return img.convert('RGB')
+        return read_rgb(self.samples[index][0])
 
     def __getitem__(self, index: int):
         try:

@@ -265,3 +265,48 @@ def test_unreadable_label_names_file_is_a_data_error_naming_it(tmp_path):
         filelist_samples(str(tmp_path), lst, str(tmp_path / 'bin.txt'))
     with pytest.raises(DataError, match=r'label names file .*empty\.txt is empty'):
         filelist_samples(str(tmp_path), lst, write(tmp_path / 'empty.txt', '\n'))
+
+
+# ---------------------------------------------------------------- every PIL mode reads as what it shows
+def _gradient(dtype, top):
+    return (np.arange(64, dtype=np.float64).reshape(8, 8) / 63 * top).astype(dtype)  # 0 .. top
+
+
+@pytest.mark.parametrize('mode, make, suffix, expected', [
+    # 16-bit grey: 0..65535 -> 0..255 (Pillow's convert('RGB') turned 99.6% of it into 255)
+    ('I;16', lambda: Image.fromarray(_gradient(np.uint16, 65535)), '.png', _gradient(np.float64, 255)),
+    ('I', lambda: Image.fromarray(_gradient(np.int32, 65535)), '.tiff', _gradient(np.float64, 255)),
+    ('F', lambda: Image.fromarray(_gradient(np.float32, 1.0)), '.tiff', _gradient(np.float64, 255)),
+    ('1', lambda: Image.fromarray(_gradient(np.uint8, 255) > 127), '.png', (_gradient(np.float64, 255) > 127) * 255.0),
+    ('L', lambda: Image.fromarray(_gradient(np.uint8, 255)), '.png', np.floor(_gradient(np.float64, 255))),
+])
+def test_grey_modes_keep_their_levels(tmp_path, mode, make, suffix, expected):
+    img = make()
+    path = tmp_path / f'img{suffix}'
+    img.save(path)
+    with Image.open(path) as reopened:
+        assert reopened.mode == mode or (mode == 'I;16' and reopened.mode in ('I', 'I;16'))
+    rgb = np.asarray(ImageDataset([(str(path), 0)], ['a'], None).load(0), dtype=np.float64)
+    assert rgb.shape == (8, 8, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    np.testing.assert_allclose(rgb[..., 0], expected, atol=1.0)
+
+
+def test_transparent_pixels_become_white_and_opaque_ones_keep_their_colour(tmp_path):
+    la = Image.new('LA', (4, 4), (50, 0))              # grey 50, fully transparent ...
+    la.putpixel((0, 0), (50, 255))                     # ... but one opaque pixel
+    pal = Image.new('P', (4, 4), 0)
+    pal.putpalette([10, 20, 30] + [200, 100, 0] + [0] * 762)
+    pal.putpixel((0, 0), 1)                            # index 1 opaque orange; index 0 transparent
+    pal.info['transparency'] = 0
+    for name, img in (('la.png', la), ('p.png', pal)):
+        img.save(tmp_path / name, transparency=0) if name == 'p.png' else img.save(tmp_path / name)
+    ds = ImageDataset([(str(tmp_path / 'la.png'), 0), (str(tmp_path / 'p.png'), 0)], ['a'], None)
+    la_rgb, p_rgb = np.asarray(ds.load(0)), np.asarray(ds.load(1))
+    assert tuple(la_rgb[0, 0]) == (50, 50, 50) and tuple(la_rgb[3, 3]) == (255, 255, 255)
+    assert tuple(p_rgb[0, 0]) == (200, 100, 0) and tuple(p_rgb[3, 3]) == (255, 255, 255)
+
+
+def test_cmyk_reads_as_its_rgb_colour(tmp_path):
+    Image.new('CMYK', (4, 4), (0, 255, 255, 0)).save(tmp_path / 'red.jpg', quality=100)   # cyan 0, magenta + yellow
+    rgb = np.asarray(ImageDataset([(str(tmp_path / 'red.jpg'), 0)], ['a'], None).load(0), dtype=int)
+    np.testing.assert_allclose(rgb[0, 0], (255, 0, 0), atol=8)

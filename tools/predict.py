@@ -38,7 +38,7 @@ from PIL import Image  # noqa: E402
 
 from common.checkpoint import CheckpointError, load_pretrained  # noqa: E402
 from common.config import ConfigError, add_config_args, build_model, load_config, validate  # noqa: E402
-from common.data import IMG_EXTENSIONS, DataError  # noqa: E402
+from common.data import IMG_EXTENSIONS, DataError, read_rgb  # noqa: E402
 from common.transforms import build_transform  # noqa: E402
 from common.device import setup  # noqa: E402
 from tools.export import (ExportError, checkpoint_class_names, create_predictor, load_meta,  # noqa: E402
@@ -189,8 +189,7 @@ def main(argv=None) -> List[Dict]:
     skipped = 0
     for path in paths:
         try:
-            with Image.open(path) as img:
-                image = transform(img.convert('RGB'))
+            image = transform(read_rgb(path))
         except Exception as e:  # any reason: truncated, not an image, unreadable
             log(f'skipped unreadable image {path}: {type(e).__name__}: {e}')
             skipped += 1
