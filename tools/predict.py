@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from common.checkpoint import CheckpointError, load_pretrained  # noqa: E402
 from common.config import ConfigError, add_config_args, build_model, load_config, validate  # noqa: E402
