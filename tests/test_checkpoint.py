@@ -2,14 +2,17 @@
 import json
 import os
 import pickle
+import re
+from pathlib import Path
 
 import numpy as np
 import paddle
 import pytest
+import safetensors.numpy
 
 import common.checkpoint as ckpt
-from common.checkpoint import (CheckpointError, adapt_state_dict, load_checkpoint, load_file, load_pretrained,
-                               read_safetensors, save_checkpoint)
+from common.checkpoint import (CheckpointError, adapt_state_dict, copy_checkpoint, load_checkpoint, load_file,
+                               load_pretrained, read_safetensors, save_checkpoint)
 from maxvit import MaxViT, tiny_args
 
 SMALL = dict(tiny_args, stage_num_block=[1, 1, 1, 1], stem_dim=8, stage_dim=16, num_heads=1, num_classes=10)
@@ -19,49 +22,89 @@ def version_set(v):
     return {'w': np.full([3], v, 'float32')}, {'v': v}, {'v': v, 'note': 'x' * v}
 
 
-def assert_whole(prefix, allowed):
+def assert_whole(prefix, version):
     model, opt, states = load_checkpoint(prefix)
-    versions = {int(model['w'][0]), opt['v'], states['v']}
-    assert len(versions) == 1 and versions <= set(allowed), versions
+    assert (int(model['w'][0]), opt['v'], states['v']) == (version,) * 3
+    leftovers = sorted(p.name for p in Path(prefix).parent.glob(Path(prefix).name + '.*'))
+    assert leftovers == sorted(Path(prefix).name + ext for ext in ckpt.EXTS)
 
 
 class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize('kill_at', range(7))
-def test_a_kill_at_any_point_of_a_save_leaves_one_whole_checkpoint(tmp_path, monkeypatch, kill_at):
+def committed_but_not_promoted(prefix, monkeypatch, version):
+    """The files a save leaves when it dies right after its commit point (kills of real processes:
+    tests/test_checkpoint_kill.py)."""
+    def die(_):
+        raise Killed()
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, '_promote', die)
+        with pytest.raises(Killed):
+            save_checkpoint(prefix, *version_set(version))
+    assert all(Path(prefix + '.pending' + ext).is_file() for ext in ckpt.EXTS + ('.complete',))
+
+
+def test_a_committed_save_is_finished_by_the_next_reader(tmp_path, monkeypatch):
     prefix = str(tmp_path / 'latest')
     save_checkpoint(prefix, *version_set(1))
-    # a save has 6 effects: 3 temporary files written, then 3 renames; kill before effect number kill_at
-    count = {'n': 0}
-    real_save, real_replace = ckpt._fsync_save, os.replace
+    committed_but_not_promoted(prefix, monkeypatch, 2)
+    assert_whole(prefix, 2)
 
-    def tick():
-        if count['n'] == kill_at:
-            raise Killed()
-        count['n'] += 1
 
-    def save(obj, path):
-        tick()
-        real_save(obj, path)
+def test_a_committed_save_that_fails_verification_is_discarded(tmp_path, monkeypatch):
+    prefix = str(tmp_path / 'latest')
+    save_checkpoint(prefix, *version_set(1))
+    committed_but_not_promoted(prefix, monkeypatch, 2)
+    with open(prefix + '.pending.pdopt', 'r+b') as f:  # damage from outside: one byte changed
+        f.seek(-3, os.SEEK_END)
+        f.write(b'?')
+    with pytest.warns(UserWarning, match=r'latest: discarding an interrupted save .*latest.pending.pdopt is not'):
+        assert_whole(prefix, 1)
+    # half promoted, then a damaged file: no whole set is left, and that is said, not papered over
+    committed_but_not_promoted(prefix, monkeypatch, 3)
+    os.replace(prefix + '.pending.pdparams', prefix + '.pdparams')
+    Path(prefix + '.pending.pdstates').write_bytes(b'junk')
+    with pytest.raises(CheckpointError, match=r'checkpoint .*latest is damaged: .*latest.pending.pdstates'):
+        load_checkpoint(prefix)
 
-    def replace(a, b):
-        tick()
-        real_replace(a, b)
-    monkeypatch.setattr(ckpt, '_fsync_save', save)
-    monkeypatch.setattr(ckpt.os, 'replace', replace)
-    if kill_at < 6:
-        with pytest.raises(Killed):
-            save_checkpoint(prefix, *version_set(2))
-    else:
+
+def test_a_save_that_fails_leaves_no_files_behind(tmp_path, monkeypatch):
+    prefix = str(tmp_path / 'latest')
+    save_checkpoint(prefix, *version_set(1))
+    real_write = ckpt._write_file
+
+    def disk_full(path, dump):
+        if path.endswith('.pdopt'):
+            Path(path).write_bytes(b'half')
+            raise OSError(28, 'No space left on device')
+        return real_write(path, dump)
+    monkeypatch.setattr(ckpt, '_write_file', disk_full)
+    with pytest.raises(OSError, match='No space left'):
         save_checkpoint(prefix, *version_set(2))
-    monkeypatch.setattr(ckpt, '_fsync_save', real_save)
-    monkeypatch.setattr(ckpt.os, 'replace', real_replace)
-    # before the marker is written the old set stands; after it, the reader finishes the new one
-    assert_whole(prefix, {1} if kill_at < 3 else {2})
-    save_checkpoint(prefix, *version_set(3))  # and the next save works
-    assert_whole(prefix, {3})
+    assert sorted(p.name for p in tmp_path.glob('latest.*')) == ['latest.pdopt', 'latest.pdparams', 'latest.pdstates']
+    assert_whole(prefix, 1)
+
+
+def test_checkpoint_files_are_what_paddle_save_writes(tmp_path):
+    model = MaxViT(SMALL)
+    save_checkpoint(str(tmp_path / 'c'), model.state_dict(), {'lr': 0.5}, {'epoch': 1})
+    paddle.save({k: v.numpy() for k, v in model.state_dict().items()}, str(tmp_path / 'p.pdparams'))
+    assert (tmp_path / 'c.pdparams').read_bytes() == (tmp_path / 'p.pdparams').read_bytes()
+    loaded = paddle.load(str(tmp_path / 'c.pdparams'))
+    np.testing.assert_array_equal(loaded['proj.weight'].numpy(), model.proj.weight.numpy())
+
+
+def test_copies_are_hard_links_committed_like_saves(tmp_path):
+    save_checkpoint(str(tmp_path / 'latest'), *version_set(1))
+    copy_checkpoint(str(tmp_path / 'latest'), str(tmp_path / 'best'))
+    assert os.path.samefile(tmp_path / 'latest.pdopt', tmp_path / 'best.pdopt')
+    save_checkpoint(str(tmp_path / 'latest'), *version_set(2))  # replaces latest's files, best keeps its own
+    assert_whole(str(tmp_path / 'best'), 1)
+    assert_whole(str(tmp_path / 'latest'), 2)
+    copy_checkpoint(str(tmp_path / 'latest'), str(tmp_path / 'best'))
+    copy_checkpoint(str(tmp_path / 'latest'), str(tmp_path / 'best'))  # onto links of the same files
+    assert_whole(str(tmp_path / 'best'), 2)
 
 
 def test_weights_loader_refuses_code(tmp_path):
@@ -84,20 +127,85 @@ def test_paddle_save_files_load_safely(tmp_path):
         np.testing.assert_array_equal(state[k], v.numpy())
 
 
-def test_safetensors_reader(tmp_path):
-    arrays = {'a': np.arange(6, dtype='float32').reshape(2, 3), 'b': np.array([1, -2], 'int64')}
-    header, offset, blobs = {}, 0, []
-    for k, v in arrays.items():
-        raw = v.tobytes()
-        header[k] = {'dtype': {'float32': 'F32', 'int64': 'I64'}[str(v.dtype)], 'shape': list(v.shape),
-                     'data_offsets': [offset, offset + len(raw)]}
+def safetensors_bytes(entries):
+    """A .safetensors file by hand: {name: (dtype name, shape, raw bytes)} (safetensors.numpy cannot write BF16)."""
+    header, offset = {}, 0
+    for name, (dtype, shape, raw) in entries.items():
+        header[name] = {'dtype': dtype, 'shape': shape, 'data_offsets': [offset, offset + len(raw)]}
         offset += len(raw)
-        blobs.append(raw)
     head = json.dumps(header).encode()
-    (tmp_path / 'x.safetensors').write_bytes(len(head).to_bytes(8, 'little') + head + b''.join(blobs))
-    out = read_safetensors(str(tmp_path / 'x.safetensors'))
+    return len(head).to_bytes(8, 'little') + head + b''.join(raw for _, _, raw in entries.values())
+
+
+def test_safetensors_reader(tmp_path):
+    arrays = {'a': np.arange(6, dtype='float32').reshape(2, 3), 'b': np.array([1, -2], 'int64'),
+              'c': np.array([True, False]), 'd': np.array([0.5, -1], 'float16')}
+    safetensors.numpy.save_file(arrays, str(tmp_path / 'x.safetensors'))
+    out = load_file(str(tmp_path / 'x.safetensors'))
+    assert out.keys() == arrays.keys()
     for k in arrays:
+        assert out[k].dtype == arrays[k].dtype
         np.testing.assert_array_equal(out[k], arrays[k])
+
+
+def test_safetensors_bfloat16_becomes_float32(tmp_path):
+    bf16 = np.array([0x3FC0, 0xC000, 0x0000, 0xFF80], '<u2')  # 1.5, -2, 0, -inf
+    (tmp_path / 'b.safetensors').write_bytes(safetensors_bytes({
+        'w': ('BF16', [2, 2], bf16.tobytes()), 'n': ('I32', [2], np.array([7, -9], '<i4').tobytes())}))
+    out = read_safetensors(tmp_path / 'b.safetensors')
+    assert out['w'].dtype == np.float32 and out['w'].tolist() == [[1.5, -2.0], [0.0, -np.inf]]
+    assert out['n'].dtype == np.int32 and out['n'].tolist() == [7, -9]
+
+
+@pytest.mark.parametrize('content, why', [
+    (b'\xff' * 64, 'header too large'),
+    (b'abc', 'header too small'),
+    (safetensors_bytes({'w': ('F32', [2, 2], b'\0' * 12)}), 'offset'),    # 12 bytes for 4 float32
+    (safetensors_bytes({'w': ('F32', [2, 2], b'\0' * 16)})[:-4], 'incomplete'),  # cut short
+    (safetensors_bytes({'w': ('F8_E4M3', [2], b'\0' * 2)}), r'a type numpy cannot hold: w \(F8_E4M3\)'),
+])
+def test_malformed_safetensors_is_one_error_naming_the_file(tmp_path, content, why):
+    path = tmp_path / 'bad.safetensors'
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf'^{re.escape(str(path))}: .*{why}') as err:
+        load_pretrained(MaxViT(SMALL), str(path))
+    assert '\n' not in str(err.value)
+    with pytest.raises(ValueError):  # tools/convert_weights.py reports ValueErrors as an error line
+        read_safetensors(path)
+
+
+def test_weights_of_the_wrong_kind_are_one_error_line(tmp_path):
+    (tmp_path / 'list.pdparams').write_bytes(pickle.dumps([np.zeros(3), np.ones(2)]))
+    np.savez(tmp_path / 'objects.npz', w=np.zeros(3), names=np.array(['a', None], dtype=object))
+    (tmp_path / 'opt.pdparams').write_bytes(pickle.dumps({'w': np.zeros(2), 'LR_Scheduler': {'last_epoch': 1}}))
+    (tmp_path / 'junk.npz').write_bytes(b'not a zip')
+    with open(tmp_path / 'bare.npz', 'wb') as f:
+        np.save(f, np.zeros(3))
+    checks = [('list.pdparams', r'list.pdparams: not a weights file: it holds a list, where a dict \{tensor name'),
+              ('objects.npz', r"objects.npz: 'names' is an array of Python objects, .*only hold numeric arrays"),
+              ('opt.pdparams', r"opt.pdparams: not a weights file: 1 of its 2 entries are not named arrays: "
+                               r"'LR_Scheduler' \(dict\)"),
+              ('junk.npz', r'junk.npz: not a .npz archive'), ('bare.npz', r'bare.npz: one bare array \(.npy\)')]
+    for name, message in checks:
+        with pytest.raises(CheckpointError, match=message) as err:
+            load_pretrained(MaxViT(SMALL), str(tmp_path / name))
+        assert '\n' not in str(err.value) and str(tmp_path / name) in str(err.value)
+
+
+def test_weights_of_another_model_list_each_tensor_once():
+    model = MaxViT(SMALL)
+    state = {k: v.numpy() for k, v in MaxViT(dict(SMALL, stage_dim=24, num_classes=7)).state_dict().items()}
+    del state['proj.bias']
+    state['extra.weight'] = np.zeros(2)
+    with pytest.raises(CheckpointError) as err:
+        adapt_state_dict(model, state)
+    lines = [line.strip() for line in str(err.value).splitlines()[1:]]
+    named = [line.split(':')[0].split()[-1] if line.startswith('shape of') else line.split()[1] for line in lines]
+    assert len(named) == len(set(named)), 'a tensor is listed twice'
+    mis_shaped = {k for k, v in model.state_dict().items() if k in state and list(v.shape) != list(state[k].shape)}
+    assert 'proj.weight' in mis_shaped and len(mis_shaped) > 50
+    assert sorted(named) == sorted(mis_shaped | {'proj.bias', 'extra.weight'})
+    assert 'missing proj.bias' in lines and 'unexpected extra.weight [2]' in lines
 
 
 def test_adapt_state_dict_lists_every_problem():
@@ -110,6 +218,7 @@ def test_adapt_state_dict_lists_every_problem():
         adapt_state_dict(model, state)
     msg = str(err.value)
     assert 'shape of conv_stem.0.weight' in msg and 'unexpected extra.weight' in msg and 'missing last_conv.0.bias' in msg
+    assert 'missing conv_stem.0.weight' not in msg and len(msg.splitlines()) == 4
 
 
 def test_classifier_of_another_size_only_when_fine_tuning(tmp_path):

@@ -9,7 +9,7 @@
     # ... keeping the config's fresh classifier instead of the checkpoint's (e.g. 21k-class weights, 10 classes)
     python tools/convert_weights.py --src model.safetensors -c my.yaml -o Model.num_classes=10 --drop-head --out x.pdparams
 
-Inputs: timm state dicts as ``.safetensors`` (read with numpy by ``read_safetensors``) or torch ``.pth``/``.bin``
+Inputs: timm state dicts as ``.safetensors`` (read with the safetensors package by ``read_safetensors``) or torch ``.pth``/``.bin``
 zip files (read by ``read_torch_zip``, which never runs pickled code: a restricted unpickler builds numpy arrays
 and refuses every global a state dict does not need). torch is never imported.
 
