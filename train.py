@@ -25,6 +25,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import common  # noqa: F401  (first: it silences known third-party noise before Paddle loads)
 import numpy as np
 import paddle
 import paddle.nn.functional as F

@@ -32,6 +32,7 @@ from typing import Dict, List, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402,F401  (first: it silences known third-party noise before Paddle loads)
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
@@ -52,6 +53,7 @@ def find_images(patterns: Sequence[str]) -> List[str]:
     """Files named, image files under folders (recursively) and image files matching glob patterns, each once,
     in the order given (sorted within a folder or pattern). A pattern that matches nothing is reported."""
     found: List[str] = []
+    missing: List[str] = []
     for pattern in patterns:
         path = Path(pattern)
         if path.is_file():
@@ -62,8 +64,11 @@ def find_images(patterns: Sequence[str]) -> List[str]:
             matches = sorted(p for p in glob.glob(pattern, recursive=True)
                              if Path(p).is_file() and Path(p).suffix.lower() in IMG_EXTENSIONS)
         if not matches:
-            log(f'no images at {pattern}')
+            missing.append(pattern)
         found += matches
+    if found:  # with nothing found at all, the caller's error names the patterns (once)
+        for pattern in missing:
+            log(f'no images at {pattern}')
     return list(dict.fromkeys(found))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402,F401  (first: it silences known third-party noise before Paddle loads)
 import paddle  # noqa: E402
 
 from common.config import add_config_args, build_model, load_config  # noqa: E402
