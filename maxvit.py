@@ -545,13 +545,39 @@ class MaxViT(nn.Layer):
     """MaxViT image classifier. ``MaxViT(args)(images)`` maps (B, input_dim, H, W) to logits (B, num_classes).
 
     Any H, W work. ``forward_features`` returns the stem and the four stage outputs (strides 2, 4, 8, 16, 32;
-    channels in ``feature_info``) for detection/segmentation backbones; ``predict`` returns probabilities.
+    channels in ``feature_info``); ``predict`` returns probabilities.
+
+    Backbone for detection/segmentation (docs/backbone.md). The keywords say how a model is used, not what it is,
+    so they are not keys of ``args`` (configs and checkpoints do not carry them):
+
+    * ``out_indices``: with it, there is no classifier head, and ``forward`` returns the list of feature maps
+      with these indices (0 = stem, stride 2; 1..4 = stages, strides 4..32), NCHW; stages after the last one
+      asked for are not built. ``feature_info`` then describes exactly those maps, in that order.
+    * ``frozen_stages=k`` (k >= 0): the stem (index 0) and stages 1..k get no gradient (stop_gradient) and
+      run in eval mode (BatchNorm statistics fixed, no dropout or stochastic depth) even in training.
+    * ``norm_eval=True``: every BatchNorm runs in eval mode even in training (fixed statistics, as
+      PaddleDetection backbones do for small detection batches); its weight and bias still train.
+
+    Paddle's ``train()`` sets ``training`` on every sublayer directly (a detector's ``train()`` never calls the
+    backbone's), so these modes are re-applied at the start of every forward pass in training mode.
     """
 
-    def __init__(self, args: Dict[str, object]):
+    def __init__(self, args: Dict[str, object], out_indices: Optional[Sequence[int]] = None,
+                 frozen_stages: int = -1, norm_eval: bool = False):
         super().__init__()
         args = check_args(args)
         self.args = args
+        num_stages = len(args['stage_num_block'])
+        if out_indices is not None:
+            out_indices = [int(i) for i in out_indices]
+            if not out_indices or out_indices != sorted(set(out_indices)) or out_indices[0] < 0 \
+                    or out_indices[-1] > num_stages:
+                raise ValueError(f'out_indices must be increasing feature indices in 0..{num_stages} (0 = stem, '
+                                 f'i = stage i), got {out_indices}')
+        if not -1 <= frozen_stages <= num_stages:
+            raise ValueError(f'frozen_stages must be -1 (none), 0 (stem) or up to {num_stages} (stem and stages '
+                             f'1..k), got {frozen_stages}')
+        self.out_indices, self.frozen_stages, self.norm_eval = out_indices, frozen_stages, bool(norm_eval)
         stem, act, same = args['stem_dim'], args['act_layer'], args['same_padding']
         bn = functools.partial(nn.BatchNorm2D, momentum=args['bn_momentum'], epsilon=args['bn_eps'])
         stem_layers = [_conv(args['input_dim'], stem, 3, 2, same=same), bn(stem), _act(act),
@@ -568,6 +594,8 @@ class MaxViT(nn.Layer):
         in_dim, block_idx = stem, 0
         self.max_blocks = nn.LayerList()
         for i, num_block in enumerate(depths):
+            if out_indices is not None and i >= out_indices[-1]:
+                break                                       # a backbone builds no stage after its last output
             out_dim, heads = args['stage_dim'] * 2 ** i, args['num_heads'] * 2 ** i
             layers = nn.LayerList()
             for j in range(num_block):
@@ -579,19 +607,43 @@ class MaxViT(nn.Layer):
                                           module=f'max_blocks.{i}'))
         self.num_features = in_dim
 
-        if args['head'] == 'conv':
+        if out_indices is not None:
+            self.feature_info = [self.feature_info[i] for i in out_indices]
+        elif args['head'] == 'conv':
             self.last_conv = nn.Sequential(nn.Conv2D(in_dim, in_dim, 1), bn(in_dim), _act(act))
         else:
             self.norm = nn.LayerNorm(in_dim)
             self.pre_logits = nn.Sequential(nn.Linear(in_dim, in_dim), nn.Tanh())
-        self.proj = nn.Linear(in_dim, args['num_classes']) if args['num_classes'] > 0 else nn.Identity()
+        if out_indices is None:
+            self.proj = nn.Linear(in_dim, args['num_classes']) if args['num_classes'] > 0 else nn.Identity()
         self.apply(_init_weights)
+
+        for part in self._frozen_parts():
+            for p in part.parameters():
+                p.stop_gradient = True
+
+    def _frozen_parts(self) -> List[nn.Layer]:
+        return [self.conv_stem, *self.max_blocks[:self.frozen_stages]] if self.frozen_stages >= 0 else []
+
+    def _keep_frozen_in_eval(self) -> None:
+        """Eval mode for the frozen parts and (norm_eval) every BatchNorm: ``training`` set directly, as
+        Paddle's train() sets it (Layer.eval() would also switch the global tracer). Looked up on every call,
+        so that BatchNorms converted later (nn.SyncBatchNorm.convert_sync_batchnorm) are found too."""
+        for part in self._frozen_parts():
+            for layer in [part, *part.sublayers()]:
+                layer.training = False
+        if self.norm_eval:
+            for layer in self.sublayers():
+                if isinstance(layer, (nn.BatchNorm2D, nn.SyncBatchNorm)):
+                    layer.training = False
 
     def forward_features(self, x: paddle.Tensor) -> List[paddle.Tensor]:
         """(B, C, H, W) -> [stem (B, stem_dim, H/2, W/2), stage i (B, stage_dim*2**i, H/2**(i+2), ...)]."""
         if x.ndim != 4 or x.shape[1] != self.args['input_dim']:
             raise ValueError(f"MaxViT expects images shaped [batch, {self.args['input_dim']}, height, width], "
                              f"got a tensor of shape {list(x.shape)}")
+        if self.training and (self.frozen_stages >= 0 or self.norm_eval):
+            self._keep_frozen_in_eval()
         x = self.conv_stem(x)
         features = [x]
         for blocks in self.max_blocks:
@@ -602,13 +654,19 @@ class MaxViT(nn.Layer):
 
     def forward_head(self, x: paddle.Tensor) -> paddle.Tensor:
         """Last feature map (B, C, h, w) -> logits (B, num_classes)."""
+        if self.out_indices is not None:
+            raise RuntimeError(f'this MaxViT is a backbone (out_indices={self.out_indices}): it has no classifier')
         if self.args['head'] == 'conv':
             x = self.last_conv(x).mean(axis=[2, 3])
         else:
             x = self.pre_logits(self.norm(x.mean(axis=[2, 3])))
         return self.proj(x)
 
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+    def forward(self, x: paddle.Tensor):
+        """Logits (B, num_classes); for a backbone (out_indices), the list of the chosen feature maps."""
+        if self.out_indices is not None:
+            features = self.forward_features(x)
+            return [features[i] for i in self.out_indices]
         return self.forward_head(self.forward_features(x)[-1])
 
     def predict(self, x: paddle.Tensor) -> paddle.Tensor:

@@ -36,7 +36,8 @@ def fixture(name):
 
 def load(model, state):
     model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
-    return model.eval()
+    model.eval()  # Paddle 3.0's eval() returns None: never chain on it
+    return model
 
 
 def max_diff(a, b):
@@ -141,7 +142,7 @@ def test_safetensors_reader_rejects_bad_files(tmp_path):
     np.testing.assert_array_equal(read_safetensors(good)['w'], [[0, 1], [2, 3]])
     short = tmp_path / 'short.safetensors'
     short.write_bytes(struct.pack('<Q', len(header)) + header + b'\0' * 12)     # 12 of the 16 bytes
-    with pytest.raises(ValueError, match="tensor 'w'.*bad data offsets"):
+    with pytest.raises(ValueError, match='short.safetensors: .*incomplete metadata'):
         read_safetensors(short)
     with pytest.raises(ValueError, match='not a safetensors file'):
         (tmp_path / 'junk').write_bytes(b'\xff' * 64)

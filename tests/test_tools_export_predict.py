@@ -16,6 +16,7 @@ import paddle
 import pytest
 from PIL import Image
 
+import maxvit
 import tools.export as export
 import tools.predict as predict
 from common.checkpoint import load_file, load_pretrained
@@ -169,6 +170,83 @@ def test_onnx_without_paddle2onnx_says_how_to_install(run, tmp_path, monkeypatch
     assert not list(tmp_path.iterdir())  # it fails before doing any work
 
 
+# ------------------------------------------------------------------------------------------------ ONNX
+ONNX_MISSING = [m for m in ('paddle2onnx', 'onnxruntime') if importlib.util.find_spec(m) is None]
+needs_onnx = pytest.mark.skipif(bool(ONNX_MISSING), reason=f'{" and ".join(ONNX_MISSING)} not installed: ONNX export '
+                                f'is tested where requirements-deploy.txt is (pip install -r requirements-deploy.txt)')
+LAYOUTS = {'article': [], 'official': [f'Model.{k}={json.dumps(v)}' for k, v in maxvit.TF_LAYOUT.items()]}
+
+
+SMALL_ARGS = dict(stage_num_block=[1, 1, 1, 1], stem_dim=8, stage_dim=16, num_heads=1, block_size=[2, 2],
+                  grid_size=[2, 2], num_classes=10)
+
+
+def random_weights(model, seed=0):
+    """A state dict whose activations are O(1) all the way through (fan-in scaled weights, random BatchNorm
+    statistics), unlike the 0.02-std initialisation: the tanh and exact GELU then differ by ~4e-4 on the logits."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for k, v in model.state_dict().items():
+        shape = v.shape
+        if k.endswith('_variance'):
+            value = rng.uniform(0.5, 1.5, shape)
+        elif k.endswith('relative_bias_table'):
+            value = rng.normal(0, 0.5, shape)
+        elif len(shape) in (2, 4):                                   # Linear [in, out], Conv2D [out, in, k, k]
+            fan_in = shape[0] if len(shape) == 2 else int(np.prod(shape[1:]))
+            value = rng.normal(0, fan_in ** -0.5, shape)
+        else:                                                        # biases, norm weights (around 1), means
+            value = rng.normal(1.0 if k.endswith('weight') else 0.0, 0.1, shape)
+        state[k] = paddle.to_tensor(value.astype('float32'))
+    return state
+
+
+def test_tanh_gelu_written_out_equals_paddles_and_is_put_back():
+    x = paddle.linspace(-8, 8, 4001)
+    np.testing.assert_allclose(export.TanhGELU()(x).numpy(), paddle.nn.GELU(approximate=True)(x).numpy(),
+                               atol=1e-6)
+    model = maxvit.MaxViT(dict(maxvit.tiny_tf_args, **SMALL_ARGS))
+    before = [type(layer) for layer in model.sublayers()]
+    with export.tanh_gelu_written_out(model) as swapped:
+        assert swapped == sum(t is paddle.nn.GELU for t in before) > 0       # every GELU of the official layout
+        assert not any(isinstance(layer, paddle.nn.GELU) for layer in model.sublayers())
+    assert [type(layer) for layer in model.sublayers()] == before
+    with export.tanh_gelu_written_out(maxvit.MaxViT(dict(maxvit.tiny_args, **SMALL_ARGS))) as swapped:
+        assert swapped == 0                                                # the article's GELU is the exact one
+
+
+@needs_onnx
+@pytest.mark.parametrize('layout', ['article', 'official'])
+@pytest.mark.parametrize('size', [(64, 64), (40, 56)], ids=['64x64', '40x56-padded'])
+def test_onnx_export_matches_the_paddle_model(tmp_path, layout, size):
+    """tools/export.py --onnx: onnxruntime gives the dynamic graph's logits within 1e-4 for both layouts, at a size
+    the window grid divides (stage maps 16, 8, 4, 2) and one it does not (10x14, 5x7, 3x4, 2x2: padded, masked)."""
+    import onnx
+    import onnxruntime
+    overrides = OVERRIDES + LAYOUTS[layout]
+    cfg = load_config(CONFIG, overrides)
+    model = build_model(cfg)
+    model.set_state_dict(random_weights(model))
+    weights = tmp_path / 'weights.pdparams'
+    paddle.save(model.state_dict(), str(weights))
+    argv = ['-c', CONFIG] + [a for o in overrides + [f'Global.pretrained_model={weights}'] for a in ('-o', o)]
+    result = export.main(argv + ['--output', str(tmp_path / 'maxvit'), '--size', *map(str, size), '--onnx'])
+
+    x = np.random.default_rng(1).standard_normal([3, 3, *size]).astype(np.float32)
+    model.eval()
+    with paddle.no_grad():
+        ref = model(paddle.to_tensor(x)).numpy()
+    session = onnxruntime.InferenceSession(result['onnx'], providers=['CPUExecutionProvider'])
+    out = session.run(None, {session.get_inputs()[0].name: x})[0]
+    diff = max_diff(out, ref)
+    print(f'{layout} {size}: ONNX vs dynamic graph {diff:.2e} (logits up to {np.abs(ref).max():.2f}); '
+          f'vs Paddle Inference {result["onnx_max_abs_diff"]:.2e}')
+    assert np.abs(ref).max() > 0.5 and np.ptp(ref, axis=0).max() > 0.1     # logits that can show an error
+    assert diff < 1e-4 and result['onnx_max_abs_diff'] < 1e-4
+    ops = {node.op_type for node in onnx.load(result['onnx']).graph.node}
+    assert 'Erf' not in ops if layout == 'official' else 'Erf' in ops       # tanh GELU written out / exact GELU
+
+
 # ------------------------------------------------------------------------------------------------ predict
 def check_against_reference(results, run, paths, weights='ema', size=32, names=None):
     ref = reference(run, paths, weights, size)
@@ -288,4 +366,6 @@ def test_predict_errors(run, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'predict.py'), *ckpt, '--images', str(empty)],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith('error: no images found in ')
+    # one line, naming the folder once: no third-party noise, no second 'no images at' line
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith('error: no images found in ') and proc.stderr.count(str(empty)) == 1

@@ -82,7 +82,8 @@ def count(model: maxvit.MaxViT, height: int, width: int) -> dict:
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        if was_training:  # Paddle 3.0's Layer.train() takes no argument
+            model.train()
     params = defaultdict(int)
     for name, p in model.named_parameters():
         if not p.stop_gradient:

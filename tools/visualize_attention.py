@@ -101,7 +101,8 @@ def capture(model, images: paddle.Tensor, stage: int = 0, block: int = 0) -> dic
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
+        if was_training:  # Paddle 3.0's Layer.train() takes no argument
+            model.train()
     return got
 
 
