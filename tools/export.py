@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import native_output_filtered  # noqa: E402  (first: silences known noise before Paddle loads)
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 import yaml  # noqa: E402
@@ -117,7 +116,8 @@ def export(model, prefix: str, input_shape: List[int], softmax: bool = False) ->
     layer.eval()
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     spec = paddle.static.InputSpec([None] + list(input_shape), 'float32', INPUT_NAME)
-    paddle.jit.save(layer, prefix, input_spec=[spec])
+    with native_output_filtered():  # PIR warns about every in-place op it traces
+        paddle.jit.save(layer, prefix, input_spec=[spec])
     files = [prefix + '.json', prefix + '.pdiparams']
     missing = [f for f in files if not Path(f).is_file()]
     if missing:  # an older Paddle (or PIR switched off) writes .pdmodel instead
@@ -172,28 +172,10 @@ def inference_config(prefix: str, mkldnn: bool = True, threads: Optional[int] = 
     return config
 
 
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """Send what Paddle's C++ code prints on stdout (its oneDNN passes print 'ReduceMeanCheckIfOneDNNSupport') to
-    stderr instead, so that stdout carries only a tool's results (tools/predict.py --json)."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        try:
-            ctypes.CDLL(None).fflush(None)  # C stdio buffers, while they still point at stderr
-        except (OSError, AttributeError, TypeError):
-            pass  # no C library to flush (Windows): nothing buffered there to misplace
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 def create_predictor(prefix: str, mkldnn: bool = True, threads: Optional[int] = None):
     """A paddle.inference predictor for an exported model (see inference_config)."""
     config = inference_config(str(prefix), mkldnn, threads)
-    with stdout_to_stderr():
+    with native_output_filtered():
         return paddle.inference.create_predictor(config)
 
 
@@ -203,7 +185,7 @@ def run_predictor(predictor, batch: np.ndarray) -> np.ndarray:
     handle = predictor.get_input_handle(predictor.get_input_names()[0])
     handle.reshape(list(batch.shape))
     handle.copy_from_cpu(batch)
-    with stdout_to_stderr():
+    with native_output_filtered():
         predictor.run()
     return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402,F401  (first: it silences known third-party noise before Paddle loads)
 import paddle  # noqa: E402
 import paddle.nn as nn  # noqa: E402
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402,F401  (first: it silences known third-party noise before Paddle loads)
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
