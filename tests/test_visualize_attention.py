@@ -147,6 +147,11 @@ def test_command_line_writes_the_picture(tmp_path):
     assert size == res['size'] == (4 * panel + 5 * va.PAD, va.HEADER + heads * (va.LABEL + panel + va.PAD) + va.PAD)
     assert res['map_size'] == (6, 6) and res['query'] == (20 * 6 // 48, 28 * 6 // 48)
     assert res['weights'].startswith('random weights')
+    # the colour bar says which end is high: the colormap's dark end (0) on the left, its light end (max) right
+    bar_row = pixels[34 + va.BAR[1] // 2]
+    dark = np.nonzero((np.abs(bar_row - va.colormap(np.array(0.0))).sum(-1) <= 3))[0]
+    light = np.nonzero((np.abs(bar_row - va.colormap(np.array(1.0))).sum(-1) <= 3))[0]
+    assert len(dark) and len(light) and dark.max() < light.min() and light.min() - dark.max() > va.BAR[0] * 0.9
     # the block-attention panel of the first head: coloured on the query's window, gray elsewhere
     x0, y0, cell = 2 * va.PAD + panel, va.HEADER + va.LABEL, panel // 6
     for r in range(6):

@@ -44,7 +44,8 @@ from common.transforms import build_transform  # noqa: E402
 
 # Layout of the picture, in pixels: panels of the image's aspect with the longer side PANEL (--panel).
 PAD = 8              # around and between panels
-HEADER = 40          # title lines at the top
+HEADER = 56          # two title lines and the colour bar at the top
+BAR = (160, 10)      # colour bar: width, height
 LABEL = 26           # two caption lines above each panel
 COLUMNS = 4          # input, block, grid, block then grid
 
@@ -250,6 +251,13 @@ def draw(shown: np.ndarray, maps: dict, panel: int = 192, heads=None) -> Image.I
     pen.text((PAD, 18), f"block attention: {bs[0]}x{bs[1]} window; grid attention: {gs[0]}x{gs[1]} grid, "
                         f"spacing {gp[0] // gs[0]}x{gp[1] // gs[1]}; colour = weight / panel max; "
                         f"even = 1 / positions reached",
+             fill=(0, 0, 0), font=font)
+    # colour bar: what the heat panels' colours mean, low (0) on the left to high (the panel's maximum) on the right
+    bar = Image.fromarray(colormap(np.tile(np.linspace(0.0, 1.0, BAR[0]), (BAR[1], 1))))
+    low = 'low: 0'
+    fig.paste(bar, (PAD + int(pen.textlength(low, font=font)) + 6, 34))
+    pen.text((PAD, 34), low, fill=(0, 0, 0), font=font)
+    pen.text((PAD + int(pen.textlength(low, font=font)) + 12 + BAR[0], 34), 'high: the panel\'s max weight',
              fill=(0, 0, 0), font=font)
     base = Image.fromarray(shown).resize((pw, ph), Image.BICUBIC)
     query_box = _cell_box(r, c, (H, W), (pw, ph))
