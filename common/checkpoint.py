@@ -576,6 +576,9 @@ def load_pretrained(model: MaxViT, path: str, ema: bool = False, new_classifier:
 
 def set_model_state(model, state: Dict[str, np.ndarray]) -> None:
     """model.set_state_dict for a state that adapt_state_dict checked, cast to each tensor's dtype (weights are
-    saved as float32 or float16; an AMP O2 model may hold bfloat16, which numpy has no type for)."""
+    saved as float32 or float16; an AMP O2 model may hold bfloat16, which numpy has no type for). Tensors the
+    state leaves out (a fresh classifier, which the caller reports) keep their values, without Paddle's
+    "Skip loading" warning for each."""
     target = model.state_dict()
-    model.set_state_dict({k: paddle.to_tensor(np.asarray(v)).astype(target[k].dtype) for k, v in state.items()})
+    loaded = {k: paddle.to_tensor(np.asarray(v)).astype(target[k].dtype) for k, v in state.items()}
+    model.set_state_dict({**target, **loaded})

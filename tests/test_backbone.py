@@ -80,7 +80,7 @@ def test_fpn_on_backbone_shapes_and_strides(layout):
         assert f.shape == [2, info['num_chs']] + size and o.shape == [2, 32] + size
     # the backbone's maps are the classifier's forward_features (same weights, stages and stem)
     classifier = MaxViT(args)
-    classifier.set_state_dict(backbone.state_dict())
+    classifier.set_state_dict({**classifier.state_dict(), **backbone.state_dict()})
     classifier.eval()
     for f, g in zip(feats, classifier.forward_features(x)[1:]):
         np.testing.assert_array_equal(f.numpy(), g.numpy())
