@@ -1,12 +1,14 @@
 """tools/benchmark.py: side-by-side workers, the table, and the global-attention baseline of the sweep."""
+import argparse
 import json
 
 import numpy as np
 import paddle
+import pytest
 
 from conftest import ROOT, TINY
 from maxvit import MaxViT, tiny_args
-from tools.benchmark import main, make_global
+from tools.benchmark import ISA_FLAGS, cpu_info, cpu_lines, main, make_global, report
 
 CONFIG = str(ROOT / 'configs' / 'quickstart.yaml')
 MODEL = [o for o in TINY if o.startswith('Model.')]
@@ -22,9 +24,49 @@ def test_engines_run_side_by_side(tmp_path, capsys):
     for r in rows:
         assert r['iterations'] == 2 and r['median_s'] > 0 and r['peak_gb'] > 0.1
         assert abs(r['images_per_sec'] - 2 / r['median_s']) < 1e-9
+        assert r['vs_timm_eager'] is None and r['vs_fastest_peer'] is None  # no --timm-python
     assert json.loads((tmp_path / 'r.json').read_text()) == rows
-    table = capsys.readouterr().out
-    assert 'inference-mkldnn b2' in table and 'x first' in table
+    eager, mkldnn, _ = rows
+    assert eager['parity_ref'] is None  # the reference itself
+    assert mkldnn['parity_ref'] == 'eager Paddle' and mkldnn['parity_ok'] and mkldnn['max_abs_diff'] < 1e-4
+    lines = capsys.readouterr().out.splitlines()
+    cpu = cpu_info()
+    assert lines[0].startswith(f"CPU: {cpu['cpu_model']}") and lines[1].startswith('ISA: ')
+    assert set(cpu['cpu_flags']) <= set(ISA_FLAGS) and set(lines[1][5:].split(' (')[0].split()) <= set(ISA_FLAGS)
+    header = next(line for line in lines if line.startswith('engine'))
+    assert header.split()[:7] == ['engine', 's/iter', 'p90', 's', 'img/s', 'x', 'timm']
+    assert 'x peer' in header and 'x first' in header and 'max|diff|' in header
+    assert any(line.startswith('quiet iterations: ') for line in lines)
+
+
+def test_cpu_info_reads_model_and_isa_flags():
+    cpu = cpu_info()
+    assert cpu['cpu_model'] and cpu['cpu_cores'] >= 1
+    assert not set(cpu['cpu_flags']) & set(cpu['cpu_flags_absent'])
+    lines = cpu_lines(dict(cpu, cpu_model='X', cpu_cores=2, cpu_flags=['avx2', 'avx512f'],
+                           cpu_flags_absent=['amx_tile']))
+    assert lines == ['CPU: X, 2 cores for this process', 'ISA: avx2 avx512f (absent: amx_tile)']
+
+
+def test_ratios_against_timm_eager_and_the_fastest_peer():
+    """The table's arithmetic on made-up rows (nothing timed): x timm is timm eager's time over the row's, x peer
+    the fastest timm engine's, per batch; a parity above 1e-4, absolute or relative, is marked."""
+    def row(label, engine, batch, seconds, **parity):
+        return dict({'label': label, 'engine': engine, 'batch': batch, 'size': 224, 'median_s': seconds,
+                     'p90_s': seconds, 'images_per_sec': batch / seconds, 'quiet_iterations': 1, 'iterations': 2,
+                     'peak_gb': 1.0}, **parity)
+    bad = {'parity_ref': 'eager Paddle', 'max_abs_diff': 1e-3, 'rel_diff': 1e-3, 'parity_ok': False}
+    rows = [row('eager b1', 'eager', 1, 0.4), row('onnxruntime b1', 'onnxruntime', 1, 0.1, **bad),
+            row('timm eager b1', 'timm-eager', 1, 0.2), row('timm compile b1', 'timm-compile', 1, 0.16),
+            row('eager b8', 'eager', 8, 2.0), row('timm eager b8', 'timm-eager', 8, 1.0)]
+    args = argparse.Namespace(gflops=None, sweep=None, quiet=0.15)
+    text = report(rows, args, cpu={'cpu_model': 'X', 'cpu_cores': 2, 'cpu_flags': ['avx2'], 'cpu_flags_absent': []})
+    assert [r['vs_timm_eager'] for r in rows] == pytest.approx([0.5, 2.0, 1.0, 1.25, 0.5, 1.0])
+    assert [r['vs_fastest_peer'] for r in rows] == pytest.approx([0.4, 1.6, 0.8, 1.0, 0.5, 1.0])
+    assert rows[0]['fastest_peer'] == 'timm compile b1' and rows[4]['fastest_peer'] == 'timm eager b8'
+    assert 'fastest peer, infer b1: timm compile b1 (6.25 img/s)' in text
+    assert next(line for line in text.splitlines() if line.startswith('onnxruntime b1')).split()[8] == '1.0e-03!'
+    assert 'quiet iterations: 6/12 (50%' in text
 
 
 def test_sweep_reports_growth_against_global_attention(capsys):

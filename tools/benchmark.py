@@ -1,17 +1,33 @@
 """Benchmark MaxViT side by side: throughput, latency percentiles and peak memory, for inference (eager,
-to_static, Paddle Inference with and without oneDNN) and training steps (fp32, bf16), optionally against timm.
+to_static, Paddle Inference with and without oneDNN, the exported model in onnxruntime and OpenVINO) and training
+steps (fp32, bf16), optionally against timm (eager, channels_last, torch.compile).
 
     python tools/benchmark.py -c configs/maxvit_t_tf_224.yaml --batch 1 8
     python tools/benchmark.py -c configs/maxvit_t_tf_224.yaml --batch 8 --engines train train-bf16
-    python tools/benchmark.py -c configs/maxvit_t_tf_224.yaml --batch 8 --timm-python .venv-torch/bin/python
+    python tools/benchmark.py -c configs/maxvit_t_tf_224.yaml --batch 1 8 --timm-python .venv-torch/bin/python \
+        --engines eager inference-mkldnn onnxruntime openvino --rounds 7 --gflops auto
     python tools/benchmark.py -c configs/maxvit_t_tf_224.yaml --sweep 224 288 384 448    # vs global attention
 
 Every engine runs in its own process; the driver times one iteration of one process at a time, in rotating
 order, while the others are paused (SIGSTOP: idle Paddle Inference threads spin and would steal CPU), and
 reports medians. So ratios come from the same minutes on the same machine; absolute times on a shared machine
 are noise. Iterations during which other processes used more than --quiet cores are dropped from the
-"quiet" median. timm runs in the interpreter given by --timm-python (torch and timm installed there; never
-needed by this repository), with the same number of threads.
+"quiet" median. Every table starts with the CPU model and its ISA flags (/proc/cpuinfo): compare ratios measured
+in one run, never absolute times across machines.
+
+Engines that run the network another way than eager Paddle (static, inference*, onnxruntime, openvino*) first
+compare their logits with eager Paddle's on one standard-normal batch: the table's max|diff| (and over the largest
+logit, rel diff), marked ! above 1e-4. onnxruntime and openvino run the .onnx that tools/export.py --onnx writes
+(paddle2onnx), with this process's cores as threads, onnxruntime at graph optimisation level ALL and OpenVINO in
+fp32 latency mode; openvino-paddle asks OpenVINO to read the Paddle model itself. They need optional packages
+(pip install -r requirements-deploy.txt openvino) and are skipped, with the reason, where those are missing or
+cannot read the model.
+
+timm runs in the interpreter given by --timm-python (torch and timm installed there; never needed by this
+repository), with the same number of threads: eager, channels_last (model and input) and torch.compile (inductor;
+compiled on an untimed call before any timing), each compared with timm eager's logits. "x timm" is timm eager's
+time over the row's, "x peer" the fastest timm engine's (of the same batch; > 1: the row is faster). --gflops auto
+first measures this machine's 2048^3 float32 GEMM (Paddle, and torch) and prints each engine's % of that.
 
 --sweep times batch-1 eager inference of the model and of a full-global-attention baseline of the same widths
 (every block and grid attention replaced by attention over the whole stage map) at each image size: MaxViT's
@@ -22,36 +38,98 @@ and to_static code paths the CPU exercises; the Paddle Inference engines here ar
 build is AMP plumbing only (arithmetic stays float32), so its time is fp32's.
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
+import platform
 import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import List
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = ['eager', 'static', 'inference', 'inference-mkldnn', 'train', 'train-bf16']
+ENGINES = ['eager', 'static', 'inference', 'inference-mkldnn', 'onnxruntime', 'openvino', 'openvino-paddle', 'train',
+           'train-bf16']
+DEFAULT_ENGINES = ['eager', 'static', 'inference', 'inference-mkldnn', 'onnxruntime', 'openvino']
+TIMM_ENGINES = ['eager', 'channels_last', 'compile']
 
 
 # ================================================================================================ workers
+PARITY_TOLERANCE = 1e-4  # a row whose logits differ from its reference by more (absolute or relative) is marked
+OPTIONAL = {'onnxruntime': ('onnxruntime', 'paddle2onnx'), 'openvino': ('openvino', 'paddle2onnx'),
+            'openvino-paddle': ('openvino',)}  # engine -> the packages it needs beside Paddle
+GEMM_N = 2048
+
+
+def parity_input(shape):
+    """The input every engine's logits are compared on: standard normal (like a normalised image), fixed seed."""
+    import numpy as np
+    return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
+def parity(out, ref, reference: str) -> dict:
+    import numpy as np
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    diff = float(np.abs(out - ref).max()) if out.shape == ref.shape else float('inf')
+    scale = float(np.abs(ref).max())
+    rel = diff / scale if scale > 0 else diff
+    return {'parity_ref': reference, 'max_abs_diff': diff if math.isfinite(diff) else None,
+            'rel_diff': rel if math.isfinite(rel) else None, 'max_abs_logit': scale,
+            'parity_ok': bool(diff <= PARITY_TOLERANCE and rel <= PARITY_TOLERANCE)}
+
+
+def _export_onnx(model, prefix, shape):
+    """PREFIX.onnx the way tools/export.py --onnx writes it (export_onnx); with an older tools/export.py,
+    paddle2onnx on PREFIX.json. Returns (path, how)."""
+    import tools.export as ex
+    if hasattr(ex, 'export_onnx'):
+        return ex.export_onnx(model, prefix, shape), 'tools.export.export_onnx'
+    import paddle2onnx
+    ex.export(model, prefix, shape)
+    paddle2onnx.export(prefix + '.json', prefix + '.pdiparams', save_file=prefix + '.onnx',
+                       opset_version=getattr(ex, 'ONNX_OPSET', 13), enable_onnx_checker=True)
+    return prefix + '.onnx', 'paddle2onnx of PREFIX.json'
+
+
+def _openvino(model_or_path, shape, threads):
+    """A run(batch) -> logits for OpenVINO on the CPU: fp32 (never the bf16 it picks by itself on AVX512-BF16
+    and AMX CPUs), latency mode, ``threads`` threads, the input made static at ``shape``."""
+    import openvino as ov
+    core = ov.Core()
+    model = core.read_model(*model_or_path) if isinstance(model_or_path, tuple) else core.read_model(model_or_path)
+    model.reshape({model.inputs[0].get_any_name(): shape})
+    compiled = core.compile_model(model, 'CPU', {'INFERENCE_NUM_THREADS': threads, 'INFERENCE_PRECISION_HINT': 'f32',
+                                                 'PERFORMANCE_HINT': 'LATENCY'})
+    request = compiled.create_infer_request()
+    return lambda batch: request.infer([batch])[0], f'openvino {ov.__version__}'
+
+
 def _paddle_worker(spec):
     sys.path.insert(0, str(ROOT))
-    from common.device import setup
+    from common.device import cpu_cores, setup
     from common.config import build_model, load_config
     env = setup('auto')  # MKL threads: this process's share of the cores
     import numpy as np
     import paddle
     import paddle.nn.functional as F
+    engine = spec['engine']
+    if engine == 'gemm':
+        a, b = paddle.rand([GEMM_N, GEMM_N]), paddle.rand([GEMM_N, GEMM_N])
+        return (lambda: paddle.matmul(a, b)), env.device, {'what': f'paddle {paddle.__version__}'}
     cfg = load_config(spec['config'], spec['overrides'])
     paddle.seed(0)
     model = build_model(cfg)
+    if cfg['Global']['pretrained_model'] and not spec.get('global_attention'):
+        from common.checkpoint import load_pretrained
+        load_pretrained(model, cfg['Global']['pretrained_model'], ema=cfg['Global']['eval_weights'] == 'ema')
     if spec.get('global_attention'):
         make_global(model, spec['size'])
-    x = paddle.rand([spec['batch'], cfg['Model']['input_dim'], spec['size'], spec['size']])
-    engine = spec['engine']
+    shape = [spec['batch'], cfg['Model']['input_dim'], spec['size'], spec['size']]
+    x = paddle.rand(shape)
     if engine.startswith('train'):
         model.train()
         y = paddle.randint(0, cfg['Model']['num_classes'], [spec['batch']])
@@ -66,32 +144,85 @@ def _paddle_worker(spec):
             opt.step()
             opt.clear_grad()
             return float(loss)
-        return step, env.device
+        return step, env.device, {}
     model.eval()
-    if engine in ('eager', 'static'):
-        net = paddle.jit.to_static(model, full_graph=True) if engine == 'static' else model
-
+    info = {'runtime': f'paddle {paddle.__version__}'}
+    if engine == 'eager':
         def step():
             with paddle.no_grad():
-                return float(net(x).sum())
-        return step, env.device
-    import tempfile
-    from tools.export import create_predictor, export, run_predictor
-    prefix = os.path.join(tempfile.mkdtemp(prefix='maxvit_bench_'), 'model')
-    export(model, prefix, [cfg['Model']['input_dim'], spec['size'], spec['size']])
-    predictor = create_predictor(prefix, mkldnn=engine == 'inference-mkldnn')
+                return float(model(x).sum())
+        return step, env.device, info
+    # every other engine runs the same network another way: first its logits against eager Paddle's
+    probe = parity_input(shape)
+    with paddle.no_grad():
+        ref = model(paddle.to_tensor(probe)).numpy()
+    if engine == 'static':
+        net = paddle.jit.to_static(model, full_graph=True)
+        info['runtime'] += ' to_static'
+
+        def run(batch):
+            with paddle.no_grad():
+                return net(paddle.to_tensor(batch)).numpy()
+        device = env.device
+    else:
+        import tempfile
+        from tools.export import create_predictor, export, run_predictor
+        prefix = os.path.join(tempfile.mkdtemp(prefix='maxvit_bench_'), 'model')
+        input_shape = shape[1:]
+        device, threads = 'cpu', cpu_cores()
+        if engine.startswith('inference'):
+            export(model, prefix, input_shape)
+            predictor = create_predictor(prefix, mkldnn=engine == 'inference-mkldnn')
+            info['runtime'] += ' inference' + (' + oneDNN' if engine == 'inference-mkldnn' else '')
+            run = lambda batch: run_predictor(predictor, batch)  # noqa: E731
+        elif engine == 'onnxruntime':
+            import onnxruntime as ort
+            onnx_file, info['converted_by'] = _export_onnx(model, prefix, input_shape)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            session = ort.InferenceSession(onnx_file, options, providers=['CPUExecutionProvider'])
+            name = session.get_inputs()[0].name
+            run = lambda batch: session.run(None, {name: batch})[0]  # noqa: E731
+            info['runtime'] = f'onnxruntime {ort.__version__}'
+        elif engine == 'openvino':
+            onnx_file, info['converted_by'] = _export_onnx(model, prefix, input_shape)
+            run, info['runtime'] = _openvino(onnx_file, shape, threads)
+        elif engine == 'openvino-paddle':  # the Paddle model itself, no ONNX in between
+            export(model, prefix, input_shape)
+            try:
+                run, info['runtime'] = _openvino((prefix + '.json', prefix + '.pdiparams'), shape, threads)
+            except RuntimeError as e:
+                import openvino as ov
+                why = str(e).strip().splitlines()[-1].split(' Please check')[0]
+                raise SkipEngine(f"openvino {ov.__version__.split('-')[0]} cannot read the model.json that "
+                                 f"paddle.jit.save writes (Paddle {paddle.__version__}, PIR): its Paddle frontend "
+                                 f"reads the older .pdmodel ({why[:120]})") from None
+        else:
+            raise ValueError(f'unknown engine {engine}')
+        del model  # the engine holds its own copy of the weights
+    info.update(parity(run(probe), ref, 'eager Paddle'))
     batch = x.numpy()
-    return (lambda: float(np.sum(run_predictor(predictor, batch)))), 'cpu'
+    return (lambda: float(np.sum(run(batch)))), device, info
 
 
 def _timm_worker(spec):
+    import numpy as np
     import torch
-    import timm
     torch.set_num_threads(len(os.sched_getaffinity(0)))
+    engine = spec['engine']
+    if engine == 'timm-gemm':
+        a, b = torch.rand(GEMM_N, GEMM_N), torch.rand(GEMM_N, GEMM_N)
+        return (lambda: torch.mm(a, b)), 'cpu', {'what': f'torch {torch.__version__}'}
+    import timm
+    torch.manual_seed(0)
     # the same stochastic depth as our config, so both train the same network
     model = timm.create_model(spec['timm_model'], drop_path_rate=spec['drop_path'])
-    x = torch.rand(spec['batch'], 3, spec['size'], spec['size'])
-    if spec['engine'] == 'timm-train':
+    shape = (spec['batch'], 3, spec['size'], spec['size'])
+    x = torch.rand(*shape)
+    info = {'runtime': f'torch {torch.__version__}, timm {timm.__version__}'}
+    if engine == 'timm-train':
         model.train()
         y = torch.randint(0, 1000, (spec['batch'],))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -102,13 +233,35 @@ def _timm_worker(spec):
             opt.step()
             opt.zero_grad()
             return float(loss)
-        return step, 'cpu'
+        return step, 'cpu', info
     model.eval()
+    net = model
+    if engine != 'timm-eager':
+        probe = torch.from_numpy(parity_input(list(shape)))
+        with torch.no_grad():
+            ref = model(probe).numpy()
+        if engine == 'timm-channels_last':
+            net = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+            probe = probe.contiguous(memory_format=torch.channels_last)
+        elif engine == 'timm-compile':
+            net = torch.compile(model)  # inductor; compiles on the first call below, before any timing
+        try:
+            with torch.no_grad():
+                out = net(probe).numpy()
+        except Exception as e:  # inductor needs a working C++ compiler
+            raise SkipEngine(f'torch.compile failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}'
+                             ) from None
+        info.update(parity(out, ref, 'timm eager'))
 
     def step():
         with torch.no_grad():
-            return float(model(x).sum())
-    return step, 'cpu'
+            return float(net(x).sum())
+    return step, 'cpu', info
+
+
+class SkipEngine(Exception):
+    """An optional engine that cannot run here: the row is left out with this message."""
 
 
 def make_global(model, size: int) -> None:
@@ -126,10 +279,20 @@ def make_global(model, size: int) -> None:
 
 
 def worker(spec):
-    """Set up one engine, then on each 'run' line time one iteration ('T seconds'); 'stats' -> peak memory."""
+    """Set up one engine, say what it is ('INFO {json}': runtime, parity), then on each 'run' line time one iteration
+    ('T seconds'); 'stats' -> peak memory. An optional engine that cannot run here says 'SKIP why' and exits."""
     import resource
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step, device = _timm_worker(spec) if spec['engine'].startswith('timm') else _paddle_worker(spec)
+    try:
+        step, device, info = _timm_worker(spec) if spec['engine'].startswith('timm') else _paddle_worker(spec)
+    except SkipEngine as e:
+        print(f'SKIP {e}', flush=True)
+        return
+    except ImportError as e:
+        if spec['engine'] not in OPTIONAL:
+            raise
+        print(f'SKIP {e} (pip install {" ".join(OPTIONAL[spec["engine"]])})', flush=True)
+        return
     sync = lambda: None  # noqa: E731  (CPU work is synchronous)
     if device == 'gpu':
         import paddle
@@ -137,6 +300,7 @@ def worker(spec):
     for _ in range(spec['warmup']):
         step()
     sync()
+    print(f'INFO {json.dumps(info)}', flush=True)
     print('READY', flush=True)
     for line in sys.stdin:
         if line.startswith('run'):
@@ -156,9 +320,19 @@ class Worker:
     def __init__(self, spec, python):
         self.spec = spec
         self.times, self.foreign = [], []
+        self.info, self.skipped = {}, None
         self.proc = subprocess.Popen([python, str(Path(__file__).resolve()), '--worker', json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        self._read('READY')
+        while True:
+            line = self._read(('INFO ', 'READY', 'SKIP '))
+            if line.startswith('INFO '):
+                self.info = json.loads(line[5:])
+            elif line.startswith('SKIP '):
+                self.skipped = line[5:].strip()
+                self.proc.wait()
+                return
+            else:
+                break
         os.kill(self.proc.pid, signal.SIGSTOP)
 
     def _read(self, prefix):
@@ -205,15 +379,82 @@ def _cpu(pid) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def interleave(workers, warmup_rounds: int, rounds: int) -> None:
+def interleave(workers, warmup_rounds: int, rounds: int, finish: bool = True) -> None:
     for _ in range(warmup_rounds):
         for w in workers:
             w.run(record=False)
     for r in range(rounds):
         for w in workers[r % len(workers):] + workers[:r % len(workers)]:
             w.run()
+    if finish:
+        for w in workers:
+            w.finish()
+
+
+def start_workers(specs, python_for):
+    """A Worker per spec, one set up at a time (the others paused); the skipped ones are returned apart."""
+    workers, skipped = [], []
+    try:
+        for spec in specs:
+            w = Worker(spec, python_for(spec))
+            (skipped if w.skipped else workers).append(w)
+    except BaseException:
+        stop(workers)
+        raise
+    return workers, skipped
+
+
+def stop(workers):
     for w in workers:
-        w.finish()
+        if w.proc.poll() is None:
+            os.kill(w.proc.pid, signal.SIGCONT)
+            w.proc.kill()
+            w.proc.wait()
+
+
+# ISA extensions that decide which kernels a CPU math library can use, as /proc/cpuinfo names them
+ISA_FLAGS = ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_tile', 'amx_bf16')
+
+
+def cpu_info() -> dict:
+    """The CPU model and the ISA flags that matter for these kernels, from /proc/cpuinfo (Linux)."""
+    fields = {}
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8') as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(':')
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    flags = set(fields.get('flags', '').split())
+    model = fields.get('model name') or platform.processor() or 'unknown CPU'
+    if 'cpu family' in fields:
+        model += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return {'cpu_model': model, 'cpu_cores': cores, 'cpu_flags': [f for f in ISA_FLAGS if f in flags],
+            'cpu_flags_absent': [f for f in ISA_FLAGS if f not in flags] if flags else []}
+
+
+def cpu_lines(cpu: dict) -> List[str]:
+    absent = ', '.join(cpu['cpu_flags_absent']) or ('-' if cpu['cpu_flags'] else 'unknown (no /proc/cpuinfo)')
+    return [f"CPU: {cpu['cpu_model']}, {cpu['cpu_cores']} cores for this process",
+            f"ISA: {' '.join(cpu['cpu_flags']) or '-'} (absent: {absent})"]
+
+
+def gemm_workers(python_for, torch_python):
+    """Workers that time a 2048^3 float32 GEMM in Paddle (after common.device.setup: its MKL threads and code path)
+    and, with a torch interpreter, in torch (all cores): what MaxViT's matmuls could reach here."""
+    specs = [{'engine': 'gemm', 'label': 'gemm paddle', 'warmup': 2, 'batch': 0, 'size': 0}]
+    if torch_python:
+        specs.append({'engine': 'timm-gemm', 'label': 'gemm torch', 'warmup': 2, 'batch': 0, 'size': 0})
+    return start_workers(specs, python_for)[0]
+
+
+def gemm_rates(workers) -> dict:
+    """{'paddle 3.3.1': GFLOP/s, ...}: the best of each worker's iterations."""
+    return {w.info['what']: 2 * GEMM_N ** 3 / min(w.times) / 1e9 for w in workers}
 
 
 def summarize(w, quiet: float) -> dict:
@@ -221,9 +462,22 @@ def summarize(w, quiet: float) -> dict:
     q = [s for s, f in zip(w.times, w.foreign) if f < quiet]
     median = statistics.median(q or w.times)
     pct = lambda p: t[min(len(t) - 1, int(round(p / 100 * (len(t) - 1))))]  # noqa: E731
-    return {'label': w.spec['label'], 'batch': w.spec['batch'], 'size': w.spec['size'], 'median_s': median,
-            'p50_s': pct(50), 'p90_s': pct(90), 'max_s': t[-1], 'images_per_sec': w.spec['batch'] / median,
-            'quiet_iterations': len(q), 'iterations': len(t), 'peak_gb': w.peak_gb, 'model_gb': w.delta_gb}
+    row = {'label': w.spec['label'], 'engine': w.spec['engine'], 'batch': w.spec['batch'], 'size': w.spec['size'],
+           'median_s': median, 'p50_s': pct(50), 'p90_s': pct(90), 'max_s': t[-1],
+           'images_per_sec': w.spec['batch'] / median, 'quiet_iterations': len(q), 'iterations': len(t),
+           'peak_gb': w.peak_gb, 'model_gb': w.delta_gb, 'runtime': w.info.get('runtime')}
+    for key in ('parity_ref', 'max_abs_diff', 'rel_diff', 'max_abs_logit', 'parity_ok', 'converted_by'):
+        row[key] = w.info.get(key)
+    return row
+
+
+def _gflops(text):
+    if text == 'auto':
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gflops takes GFLOP/s or 'auto', got {text!r}") from None
 
 
 def main(argv=None):
@@ -231,17 +485,19 @@ def main(argv=None):
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     parser.add_argument('-c', '--config', default=str(ROOT / 'configs' / 'maxvit_t_tf_224.yaml'))
     parser.add_argument('-o', '--override', action='append', default=[], metavar='Section.key=value')
-    parser.add_argument('--engines', nargs='+', default=['eager', 'static', 'inference', 'inference-mkldnn'],
-                        choices=ENGINES)
+    parser.add_argument('--engines', nargs='+', default=DEFAULT_ENGINES, choices=ENGINES)
     parser.add_argument('--batch', type=int, nargs='+', default=[8])
     parser.add_argument('--size', type=int, default=224)
     parser.add_argument('--sweep', type=int, nargs='+', help='image sizes: eager batch-1 vs global attention')
     parser.add_argument('--timm-python', help='a python with torch + timm: times timm beside ours')
     parser.add_argument('--timm-model', default='maxvit_tiny_tf_224')
+    parser.add_argument('--timm-engines', nargs='+', default=TIMM_ENGINES, choices=TIMM_ENGINES,
+                        help='timm inference engines beside ours (training: timm train, with --engines train)')
     parser.add_argument('--warmup', type=int, default=2, help='untimed iterations per worker')
     parser.add_argument('--rounds', type=int, default=5, help='timed iterations per worker')
     parser.add_argument('--quiet', type=float, default=0.15, help='max cores used by others in a quiet iteration')
-    parser.add_argument('--gflops', type=float, help='peak FP32 GFLOP/s of this machine: prints %% of peak')
+    parser.add_argument('--gflops', type=_gflops, help="peak FP32 GFLOP/s of this machine: prints %% of peak; "
+                        "'auto' measures a 2048^3 GEMM first (Paddle, and torch with --timm-python)")
     parser.add_argument('--json', help='also write the results here')
     args = parser.parse_args(argv)
     if args.worker:
@@ -251,38 +507,55 @@ def main(argv=None):
     from common.config import load_config
     drop_path = load_config(args.config, args.override)['Model']['drop_path']  # a bad config fails here, once
     base = {'config': args.config, 'overrides': args.override, 'warmup': 1}
-    specs = []
+    specs, skipped = [], []
     if args.sweep:
         for size in args.sweep:
             for glob in (False, True):
                 specs.append(dict(base, engine='eager', batch=1, size=size, global_attention=glob,
                                   label=f'{"global attention" if glob else "MaxViT"} {size}'))
     else:
+        missing = {e: [m for m in OPTIONAL.get(e, ()) if importlib.util.find_spec(m) is None] for e in args.engines}
         for b in args.batch:
-            specs += [dict(base, engine=e, batch=b, size=args.size, label=f'{e} b{b}') for e in args.engines]
+            for e in args.engines:
+                spec = dict(base, engine=e, batch=b, size=args.size, label=f'{e} b{b}')
+                if missing[e]:
+                    skipped.append((spec['label'], f'{", ".join(missing[e])} not installed in {sys.executable} '
+                                                   f'(pip install {" ".join(missing[e])})'))
+                else:
+                    specs.append(spec)
             if args.timm_python:
-                for e in sorted({'train' if e.startswith('train') else 'eager' for e in args.engines}):
-                    specs.append(dict(base, engine=f'timm-{e}', batch=b, size=args.size, timm_model=args.timm_model,
-                                      drop_path=drop_path, label=f'timm {e} b{b}'))
-    workers = []
+                train = [e for e in args.engines if e.startswith('train')]
+                timm = [f'timm-{t}' for t in args.timm_engines] if len(train) < len(args.engines) else []
+                for e in timm + (['timm-train'] if train else []):
+                    specs.append(dict(base, engine=e, batch=b, size=args.size, timm_model=args.timm_model,
+                                      drop_path=drop_path, label=f'timm {e[5:]} b{b}'))
+    python_for = lambda spec: args.timm_python if spec['engine'].startswith('timm') else sys.executable  # noqa
+    cpu = cpu_info()
+    gemm, gemms, workers = {}, [], []
     try:
-        for spec in specs:
-            python = args.timm_python if spec['engine'].startswith('timm') else sys.executable
-            workers.append(Worker(spec, python))
+        if args.gflops == 'auto':  # best of 10 GEMMs before the benchmark and 10 after: a busy spell misleads less
+            gemms = gemm_workers(python_for, args.timm_python)
+            interleave(gemms, 0, 10, finish=False)
+        workers, skip_workers = start_workers(specs, python_for)
+        skipped += [(w.spec['label'], w.skipped) for w in skip_workers]
         interleave(workers, args.warmup, args.rounds)
+        if gemms:
+            interleave(gemms, 0, 10)
+            gemm = gemm_rates(gemms)
+            args.gflops = max(gemm.values())
     finally:
-        for w in workers:
-            if w.proc.poll() is None:
-                os.kill(w.proc.pid, signal.SIGCONT)
-                w.proc.kill()
+        stop(workers + gemms)
     rows = [summarize(w, args.quiet) for w in workers]
-    print(report(rows, args))
+    text = report(rows, args, cpu, gemm, skipped)
+    print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows
 
 
-def report(rows, args) -> str:
+def report(rows, args, cpu=None, gemm=None, skipped=()) -> str:
+    """The table (adding its ratios, parity and %% of peak to ``rows``), with the CPU and ISA lines above it."""
+    cpu = cpu or cpu_info()
     gflop = None
     if args.gflops and not args.sweep:
         sys.path.insert(0, str(ROOT))
@@ -290,19 +563,61 @@ def report(rows, args) -> str:
         from common.config import build_model, load_config
         macs = count(build_model(load_config(args.config, args.override)), args.size, args.size)['macs']
         gflop = 2 * sum(macs.values()) / 1e9  # per image, forward
-    lines = [f'{"engine":<26}{"s/iter":>9}{"p90 s":>8}{"img/s":>8}{"x timm":>8}{"x first":>8}'
-             f'{"peak GB":>9}{"quiet":>7}' + (f'{"% peak":>8}' if gflop else '')]
-    first = rows[0]['median_s']
+    lines = cpu_lines(cpu)
+    if gemm:
+        lines.append('GEMM (2048^3 sgemm, best of 10 before and 10 after): '
+                     + ', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in gemm.items())
+                     + f'; % peak below is of {args.gflops:.0f}')
+    elif gflop:
+        lines.append(f'% peak below is of {args.gflops:.0f} GFLOP/s (--gflops)')
+    if gflop:
+        lines.append(f'model: {gflop:.2f} GFLOP per image forward ({Path(args.config).name}, {args.size}x{args.size})')
+    kind = lambda r: 'train' if r['engine'].endswith('train') or r['engine'].startswith('train') else 'infer'  # noqa
+    peers = {}  # (batch, kind) -> (timm eager row, fastest timm row)
     for r in rows:
-        timm = next((t for t in rows if t['label'].startswith('timm') and t['batch'] == r['batch']
-                     and ('train' in t['label']) == ('train' in r['label'])), None)
-        vs_timm = f'{timm["median_s"] / r["median_s"]:.2f}' if timm else '-'
-        line = (f'{r["label"]:<26}{r["median_s"]:>9.3f}{r["p90_s"]:>8.3f}{r["images_per_sec"]:>8.2f}{vs_timm:>8}'
-                f'{first / r["median_s"]:>8.2f}{r["peak_gb"]:>9.2f}{r["quiet_iterations"]:>4}/{r["iterations"]:<2}')
+        if r['engine'].startswith('timm'):
+            key = (r['batch'], kind(r))
+            eager, best = peers.get(key, (None, None))
+            if r['engine'] in ('timm-eager', 'timm-train'):
+                eager = r
+            if best is None or r['median_s'] < best['median_s']:
+                best = r
+            peers[key] = (eager, best)
+    for (b, k), (_, best) in sorted(peers.items()):
+        lines.append(f'fastest peer, {k} b{b}: {best["label"]} ({best["images_per_sec"]:.2f} img/s)')
+    lines.append('')
+    lines.append(f'{"engine":<26}{"s/iter":>8}{"p90 s":>8}{"img/s":>8}{"x timm":>8}{"x peer":>8}{"x first":>8}'
+                 f'{"max|diff|":>11}{"rel diff":>10}{"peak GB":>8}{"quiet":>7}' + (f'{"% peak":>8}' if gflop else ''))
+    first = rows[0]['median_s'] if rows else None
+    for r in rows:
+        eager, best = peers.get((r['batch'], kind(r)), (None, None))
+        r['vs_timm_eager'] = eager['median_s'] / r['median_s'] if eager else None
+        r['fastest_peer'] = best['label'] if best else None
+        r['vs_fastest_peer'] = best['median_s'] / r['median_s'] if best else None
+        r['cpu_model'], r['cpu_flags'] = cpu['cpu_model'], cpu['cpu_flags']
+        work = gflop * (3 if kind(r) == 'train' else 1) if gflop else None  # a training step ~ 3 forward passes
+        r['pct_peak'] = 100 * work * r['images_per_sec'] / args.gflops if gflop else None
+        ratio = lambda v: f'{v:.2f}' if v is not None else '-'  # noqa: E731
+        diff = (f'{r["max_abs_diff"]:.1e}' + ('' if r['parity_ok'] else '!')) if r.get('max_abs_diff') is not None \
+            else ('inf!' if r.get('parity_ref') else '-')
+        rel = f'{r["rel_diff"]:.1e}' if r.get('rel_diff') is not None else '-'
+        line = (f'{r["label"]:<26}{r["median_s"]:>8.3f}{r["p90_s"]:>8.3f}{r["images_per_sec"]:>8.2f}'
+                f'{ratio(r["vs_timm_eager"]):>8}{ratio(r["vs_fastest_peer"]):>8}{first / r["median_s"]:>8.2f}'
+                f'{diff:>11}{rel:>10}{r["peak_gb"]:>8.2f}{r["quiet_iterations"]:>4}/{r["iterations"]:<2}')
         if gflop:
-            work = gflop * (3 if 'train' in r['label'] else 1)  # a training step ~ 3 forward passes
-            line += f'{100 * work * r["images_per_sec"] / args.gflops:>7.0f}%'
+            line += f'{r["pct_peak"]:>7.0f}%'
         lines.append(line)
+    quiet, total = sum(r['quiet_iterations'] for r in rows), sum(r['iterations'] for r in rows)
+    lines.append('')
+    lines.append(f'quiet iterations: {quiet}/{total} ({100 * quiet / max(total, 1):.0f}%; others used < {args.quiet} '
+                 f'cores; medians are of the quiet ones where a row has any). x timm / x peer: timm eager\'s / the '
+                 f'fastest timm engine\'s time over the row\'s (> 1: faster).')
+    if any(r.get('parity_ref') for r in rows):
+        lines.append(f'max|diff|: largest logit difference from the row\'s reference (Paddle rows: eager Paddle; '
+                     f'timm rows: timm eager) on one standard-normal batch; rel diff: over the largest |logit|; '
+                     f'! = above {PARITY_TOLERANCE:g} (either).')
+    for label, why in skipped:
+        lines.append(f'skipped {label}: {why}')
     if args.sweep:
         lines.append('')
         lines.append(f'{"size":>6}{"pixels x":>10}{"MaxViT x":>10}{"global x":>10}')
