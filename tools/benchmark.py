@@ -208,7 +208,6 @@ def _paddle_worker(spec):
 
 
 def _timm_worker(spec):
-    import numpy as np
     import torch
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     engine = spec['engine']
