@@ -34,6 +34,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
+from paddle.distributed.fleet.utils import recompute
+from paddle.nn.layer.norm import _BatchNormBase
 
 __all__ = [
     'MaxViT', 'Max_Block', 'Window_Block', 'Grid_Block', 'MBConv', 'SE', 'Mlp', 'Rel_Attention',
@@ -81,6 +83,9 @@ DEFAULT_ARGS: Dict[str, object] = {
     'same_padding': False,            # TensorFlow 'SAME' padding on strided convs/pools (official)
     'head': 'conv',                   # 'conv': 1x1 conv+BN+act, mean, Linear (article);
                                       # 'norm_mlp': mean, LayerNorm, Linear+tanh, Linear (official)
+    # --- how the model trains, not what it is (no parameters: checkpoints load either way) ---
+    'recompute': False,               # gradient checkpointing: in training, each Max_Block keeps only its input
+                                      # and runs its forward again in backward (less memory, more compute)
 }
 
 _CHOICES = {
@@ -145,6 +150,8 @@ def check_args(args: Dict[str, object]) -> Dict[str, object]:
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"MaxViT argument {key} must be two positive ints (height, width), got {out[key]!r}")
         out[key] = size
+    if not isinstance(out['recompute'], bool):
+        raise ValueError(f"MaxViT argument recompute must be True or False, got {out['recompute']!r}")
     if not out['stage_num_block'] or min(out['stage_num_block']) < 1:
         raise ValueError(f"stage_num_block must list at least one block per stage, got {out['stage_num_block']!r}")
     for i in range(len(out['stage_num_block'])):
@@ -212,6 +219,8 @@ class DropPath(nn.Layer):
             return x
         keep = 1.0 - self.drop_prob
         scale = (paddle.rand([x.shape[0]] + [1] * (x.ndim - 1)) < keep).astype(x.dtype) / keep  # (B, 1, 1, ...)
+        if not paddle.in_dynamic_mode():  # paddle.jit.to_static: a plain product (the compiler plans memory)
+            return x * scale
         return _ScaleSamples.apply(x, scale)
 
     def extra_repr(self) -> str:
@@ -326,7 +335,9 @@ class Mlp(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         h = self.fc1(x)                                      # (..., hidden)
-        if self.training and self.drop.p == 0:  # the memory-saving backward (dropout would need its mask kept)
+        # the memory-saving backward (dropout would need its mask kept); not under paddle.jit.to_static, which has
+        # no static form of _ActLinear's paddle.grad and plans memory itself
+        if self.training and self.drop.p == 0 and paddle.in_dynamic_mode():
             return _ActLinear.apply(h, self.fc2.weight, self.fc2.bias, self.act)
         return self.drop(self.fc2(self.drop(self.act(h))))
 
@@ -541,6 +552,27 @@ class Max_Block(nn.Layer):
         return x.transpose([0, 3, 1, 2])                  # back to (B, C, H, W) for the next MBConv
 
 
+def _recompute_block(block: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
+    """block(x) with gradient checkpointing (Paddle's recompute): the forward keeps no activations, only x, and
+    runs again in backward with the first run's random state (the same DropPath masks) and autocast, so the
+    gradients are the plain ones. BatchNorm normalises by the batch in both runs; the second run leaves its
+    running statistics alone (momentum 1: running = 1 * running + 0 * batch), so they are updated once per step.
+    """
+    def run(inp):
+        if not paddle.is_grad_enabled():  # the first run: recompute calls it under no_grad
+            return block(inp)
+        norms = [layer for layer in block.sublayers() if isinstance(layer, _BatchNormBase)]
+        momenta = [layer._momentum for layer in norms]
+        for layer in norms:
+            layer._momentum = 1.0
+        try:
+            return block(inp)
+        finally:
+            for layer, momentum in zip(norms, momenta):
+                layer._momentum = momentum
+    return recompute(run, x, preserve_rng_state=True)
+
+
 class MaxViT(nn.Layer):
     """MaxViT image classifier. ``MaxViT(args)(images)`` maps (B, input_dim, H, W) to logits (B, num_classes).
 
@@ -637,6 +669,13 @@ class MaxViT(nn.Layer):
                 if isinstance(layer, (nn.BatchNorm2D, nn.SyncBatchNorm)):
                     layer.training = False
 
+    def _recomputes(self, block: nn.Layer, x: paddle.Tensor) -> bool:
+        """Whether ``block`` runs through gradient checkpointing: args['recompute'], training (a frozen block
+        runs in eval mode: no), a gradient to compute (x needs one: recompute passes only x to its backward), and
+        eager mode (paddle.jit.to_static leaves memory planning to the compiler)."""
+        return (self.args['recompute'] and block.training and paddle.is_grad_enabled() and not x.stop_gradient
+                and paddle.in_dynamic_mode())
+
     def forward_features(self, x: paddle.Tensor) -> List[paddle.Tensor]:
         """(B, C, H, W) -> [stem (B, stem_dim, H/2, W/2), stage i (B, stage_dim*2**i, H/2**(i+2), ...)]."""
         if x.ndim != 4 or x.shape[1] != self.args['input_dim']:
@@ -648,7 +687,7 @@ class MaxViT(nn.Layer):
         features = [x]
         for blocks in self.max_blocks:
             for block in blocks:
-                x = block(x)
+                x = _recompute_block(block, x) if self._recomputes(block, x) else block(x)
             features.append(x)
         return features
 

@@ -30,6 +30,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 import yaml
+from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_gradients
 
 from common.checkpoint import (CheckpointError, adapt_state_dict, copy_checkpoint, load_checkpoint, load_pretrained,
                                recover, resolve_prefix, save_checkpoint, set_model_state)
@@ -178,7 +179,13 @@ def main(argv=None) -> dict:
     if ema and states.get('ema'):
         ema.set_state_dict(states['ema'])
     ema_model = build_model(cfg) if ema else None
+    if G['to_static']:  # the forward (and so its backward) as a static program, one per input shape; CINN on GPU
+        model = paddle.jit.to_static(model, full_graph=True)  # the same Layer: same parameters and checkpoints
+        log.info('compiled: paddle.jit.to_static (the first step of each input shape, train and eval, traces it)')
     net = paddle.DataParallel(model) if env.world_size > 1 else model
+    # DataParallel all-reduces from hooks in backward, which Model.recompute's second backward pass (inside the
+    # first) trips; then the gradients are all-reduced once after the backward pass instead
+    allreduce_after = env.world_size > 1 and cfg['Model']['recompute']
 
     def save(metrics=None, is_best=False, epoch_end=True):
         """latest always; best when it improved; epoch_N every Global.save_epoch_freq epochs and after the last."""
@@ -209,6 +216,7 @@ def main(argv=None) -> dict:
         sampler = train_loader.batch_sampler
         sampler.set_epoch(stream_seed(G['seed'], epoch, 0, rank=0))  # one order for all ranks
         sampler.skip = run['epoch_step'] * accum                       # a mid-epoch checkpoint's position
+        sampler.stop = steps_per_epoch * accum                         # the epoch's last micro-batch
         loss_sum, loss_n, seen, t_log = 0.0, 0, 0, time.perf_counter()
         step_loss, epoch_images = 0.0, 0
         for micro, (images, labels, _, bad) in enumerate(train_loader, start=sampler.skip):
@@ -224,7 +232,7 @@ def main(argv=None) -> dict:
             images, targets = mixup(images, labels)
             last_micro = (micro + 1) % accum == 0
             # gradients are all-reduced only on the last micro-batch of an accumulation
-            sync = nullcontext() if last_micro or env.world_size == 1 else net.no_sync()
+            sync = nullcontext() if (last_micro and not allreduce_after) or env.world_size == 1 else net.no_sync()
             with sync:
                 with amp_ctx():
                     logits = net(images)
@@ -237,6 +245,8 @@ def main(argv=None) -> dict:
                 continue
 
             # ---- one optimizer step
+            if allreduce_after:
+                fused_allreduce_gradients(list(model.parameters()), None)  # the mean over processes
             loss_value = float(step_loss)  # one device sync per optimizer step
             if not math.isfinite(loss_value):
                 raise FloatingPointError(
@@ -266,9 +276,8 @@ def main(argv=None) -> dict:
                 log.scalar('train/lr', lr, run['step'])
                 log.scalar('train/images_per_sec', ips, run['step'])
                 loss_sum, loss_n, seen, t_log = 0.0, 0, 0, time.perf_counter()
-            if run['epoch_step'] == steps_per_epoch:
-                break
-            if G['save_interval_steps'] and run['step'] % G['save_interval_steps'] == 0:
+            if G['save_interval_steps'] and run['step'] % G['save_interval_steps'] == 0 \
+                    and run['epoch_step'] < steps_per_epoch:
                 save(epoch_end=False)  # mid-epoch: a killed run loses at most save_interval_steps steps
         if skipped.count:
             log.info(f'{skipped.count} unreadable training images skipped so far')

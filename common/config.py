@@ -37,6 +37,8 @@ DEFAULTS: Dict[str, Dict[str, object]] = {
         'max_steps_per_epoch': None,     # cap on optimizer steps per epoch (smoke tests, debugging)
         'save_interval_steps': None,     # also save OUTPUT_DIR/latest every N optimizer steps (mid-epoch resume)
         'use_visualdl': True,
+        'to_static': False,              # train (and evaluate) through paddle.jit.to_static: one compiled program
+                                         # per input shape (CINN behind it on GPU builds); same results
     },
     'Model': dict(DEFAULT_ARGS),
     'Data': {
@@ -229,6 +231,9 @@ _RULES = {
     ('Global', 'resume'): (lambda v, cfg: v.strip() != '', "null, 'auto' or a non-empty checkpoint prefix"),
     ('Global', 'max_steps_per_epoch'): _range(0, lo_open=True, what='or null for no cap'),
     ('Global', 'save_interval_steps'): _range(0, lo_open=True, what='or null to save at epoch ends only'),
+    ('Global', 'to_static'): (lambda v, cfg: not (v and cfg['Model']['recompute']),
+                              'false when Model.recompute is true (recompute is an eager-mode memory saving; '
+                              'a compiled program plans its memory itself)'),
 
     ('Model', 'stage_num_block'): (lambda v, cfg: len(v) >= 1 and min(v) >= 1,
                                    'a non-empty list of ints >= 1 (Max_Blocks per stage)'),

@@ -210,12 +210,17 @@ class ShardSampler(paddle.io.Sampler):
 
 
 class TrainBatchSampler(paddle.io.DistributedBatchSampler):
-    """Paddle's shuffling, sharding batch sampler that can start an epoch at batch ``skip`` (a mid-epoch resume):
-    the epoch's order is the same (set_epoch), the first ``skip`` batches are passed over without being read."""
-    skip = 0
+    """Paddle's shuffling, sharding batch sampler that can start an epoch at batch ``skip`` (a mid-epoch resume:
+    the epoch's order is the same (set_epoch), the first ``skip`` batches are passed over without being read)
+    and end it after batch ``stop`` (the last one an optimizer step uses). Ending here, not by leaving the loop
+    early, lets the loader finish its epoch and shut its worker processes down (a loop left early kept two idle
+    workers per epoch alive until the run ended)."""
+    skip, stop = 0, None
 
     def __iter__(self):
         for i, batch in enumerate(super().__iter__()):
+            if self.stop is not None and i >= self.stop:
+                return
             if i >= self.skip:
                 yield batch
 
