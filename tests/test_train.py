@@ -354,3 +354,66 @@ def test_finished_epochs_leave_no_loader_workers(train_args):
     while live_children() and time.time() < deadline:
         time.sleep(0.1)
     assert live_children() == []
+
+
+def _parent(pid: str) -> int:
+    try:
+        return int(Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[1])
+    except OSError:  # it ended meanwhile
+        return -1
+
+
+def _descendants(pid: int):
+    """Every process below ``pid`` (children, their children, ...), from /proc."""
+    found, todo = [], [str(pid)]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f'/proc/{parent}/task')
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                kids = Path(f'/proc/{parent}/task/{task}/children').read_text().split()
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+@pytest.mark.parametrize('victim', ['launcher', 'rank 1'])
+def test_killing_the_launcher_or_a_rank_takes_trainers_and_workers_down(train_args, tmp_path, victim):
+    out = tmp_path / 'dist'
+    args = train_args('Global.epochs=200', 'Data.num_workers=2', output=out)
+    launcher = subprocess.Popen([sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2',
+                                 '--log_dir', str(tmp_path / 'log'), str(ROOT / 'train.py')] + args, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (out / 'latest.pdstates').exists() and time.time() < deadline:  # training is under way
+            assert launcher.poll() is None, 'the launcher ended early'
+            time.sleep(0.2)
+        assert (out / 'latest.pdstates').exists()
+        while time.time() < deadline:  # a moment when both ranks have their two loader workers (between epochs
+            everything = _descendants(launcher.pid)  # a loader may have none)
+            trainers = [p for p in everything if _parent(p) == launcher.pid]
+            if len(trainers) == 2 and all(len(_descendants(int(t))) >= 2 for t in trainers):
+                break
+            time.sleep(0.05)
+        assert len(trainers) == 2 and len(everything) >= 2 + 2 * 2
+        victim_pid = launcher.pid if victim == 'launcher' else int(sorted(trainers, key=int)[1])
+        below_victim = everything if victim == 'launcher' else _descendants(victim_pid)
+        os.kill(victim_pid, signal.SIGKILL)
+
+        def survivors(pids, seconds):
+            deadline = time.time() + seconds
+            while [p for p in pids if _alive(p)] and time.time() < deadline:
+                time.sleep(0.1)
+            return [p for p in pids if _alive(p)]
+        assert survivors(below_victim, 5) == []    # its workers (and, for the launcher, the trainers) within 5 s
+        assert survivors(everything, 60) == []     # a lost rank: the launcher then stops the job
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        launcher.wait()
