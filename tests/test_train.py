@@ -340,16 +340,8 @@ def test_finished_epochs_leave_no_loader_workers(train_args):
     # 7 batches, 2 per optimizer step: each epoch uses 6 and the loader still ends its epoch (the loop used to
     # leave it early, which kept two idle workers per epoch alive until the run ended)
     train.main(train_args('Global.epochs=3', 'Optimizer.global_batch_size=32', 'Data.num_workers=2'))
-    tasks = '/proc/self/task'
-
     def live_children():
-        kids = []
-        for task in os.listdir(tasks):
-            try:
-                kids += Path(f'{tasks}/{task}/children').read_text().split()
-            except OSError:  # a thread that ended meanwhile
-                pass
-        return [p for p in kids if _alive(p)]
+        return [p for p in _descendants(os.getpid()) if _alive(p)]
     deadline = time.time() + 5
     while live_children() and time.time() < deadline:
         time.sleep(0.1)
