@@ -39,11 +39,15 @@ def test_cpu_vendor_reads_this_machine():
 
 
 def test_setup_on_this_machine():
+    """'auto' picks the GPU where this Paddle build has one (paddlepaddle-gpu), else the CPU."""
+    has_gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
     env = setup('auto')
-    assert (env.device, env.rank, env.world_size, env.is_main) == ('cpu', 0, 1, True)
+    assert (env.device, env.rank, env.world_size, env.is_main) == ('gpu' if has_gpu else 'cpu', 0, 1, True)
+    setup('cpu')  # the rest of the suite runs on the CPU
 
 
-@pytest.mark.skipif(paddle.device.is_compiled_with_cuda(), reason='this build has GPU support')
-def test_asking_for_a_gpu_on_a_cpu_build_is_a_config_error():
+def test_asking_for_a_gpu_that_is_not_there_is_a_config_error(monkeypatch):
+    # on a CPU build, and on a GPU build on a machine without a visible GPU
+    monkeypatch.setattr(paddle.device.cuda, 'device_count', lambda: 0)
     with pytest.raises(ConfigError, match='Global.device=gpu, but this Paddle build sees no GPU'):
         setup('gpu')
