@@ -16,6 +16,9 @@ TINY = [
     'Data.img_size=32', 'Data.batch_size=16', 'Data.num_workers=0', 'Data.format=folder',
     'Global.print_freq=1', 'Global.use_visualdl=false', 'Optimizer.warmup_steps=5',
     'Optimizer.base_batch_size=16', 'Optimizer.global_batch_size=null',
+    # pinned here so that the tests do not move when the quickstart recipe is tuned
+    'Model.mbconv_ksize=3', 'Model.mbconv_expand_rate=4', 'Model.mlp_ratio=4', 'Global.eval_freq=1',
+    'Optimizer.lr=1e-3', 'Data.scale=[0.6, 1.0]', 'Data.randaugment_ops=2', 'Data.randaugment_magnitude=4',
 ]
 
 

@@ -19,8 +19,10 @@ from tools import visualize_attention as va
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The quickstart model (block/grid 3x3) with 2 heads of 16 channels at stage 0.
-OVERRIDES = ['Model.num_heads=2', 'Model.drop_path=0.0']
+# A small model on the quickstart config: four stages, block/grid 3x3 on a 48x48 input (stage maps 12, 6, 3, 2),
+# 2 heads of 16 channels at stage 0.
+OVERRIDES = ['Model.stage_num_block=[1, 1, 1, 1]', 'Model.block_size=[3, 3]', 'Model.grid_size=[3, 3]',
+             'Data.img_size=48', 'Model.num_heads=2', 'Model.drop_path=0.0']
 
 
 def small_model():
