@@ -40,6 +40,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from common.checkpoint import CheckpointError, load_pretrained  # noqa: E402
 from common.config import ConfigError, add_config_args, build_model, load_config  # noqa: E402
+from common.data import read_rgb  # noqa: E402
 from common.transforms import build_transform  # noqa: E402
 
 # Layout of the picture, in pixels: panels of the image's aspect with the longer side PANEL (--panel).
@@ -61,9 +62,7 @@ class VisualizeError(ValueError):
 # ------------------------------------------------------------------------------------------------ weights
 def load_image(path: str, cfg: dict):
     """(model input (1, 3, H, W) float32, the same input as uint8 (H, W, 3) for display): eval transform."""
-    with Image.open(path) as img:
-        chw = build_transform(cfg, train=False)(img.convert('RGB'))
-    chw = np.asarray(chw, dtype=np.float32)
+    chw = np.asarray(build_transform(cfg, train=False)(read_rgb(path)), dtype=np.float32)
     mean = np.asarray(cfg['Data']['mean'], np.float32).reshape(3, 1, 1)
     std = np.asarray(cfg['Data']['std'], np.float32).reshape(3, 1, 1)
     shown = np.clip((chw * std + mean) * 255.0 + 0.5, 0, 255).astype(np.uint8).transpose(1, 2, 0)
