@@ -221,8 +221,9 @@ def main(argv=None) -> dict:
         step_loss, epoch_images = 0.0, 0
         for micro, (images, labels, _, bad) in enumerate(train_loader, start=sampler.skip):
             skipped(bad)
-            paddle.seed(stream_seed(G['seed'], epoch, micro, env.rank))
-            mixup.seed(stream_seed(G['seed'], epoch, micro, env.rank))
+            seed = stream_seed(G['seed'], epoch, micro, env.rank)
+            paddle.seed(seed)
+            mixup.seed(seed)
             # A batch in which no image could be read still takes its turn, as a zero-weight image, so the
             # accumulation count and every process's gradient all-reduce stay in step.
             weight = 0.0 if batch_is_empty(labels) else 1.0
