@@ -38,9 +38,9 @@ NATIVE_NOISE = ('Paddle static graph(PIR) not support input out tensor', 'Reduce
 
 
 @contextlib.contextmanager
-def native_output_filtered():
-    """Run the block with file descriptors 1 and 2 captured; then write every captured line, except the
-    NATIVE_NOISE ones, to stderr (stdout stays for a tool's results, e.g. tools/predict.py --json)."""
+def native_output_filtered(noise=NATIVE_NOISE):
+    """Run the block with file descriptors 1 and 2 captured; then write every captured line, except those that
+    contain one of ``noise``, to stderr (stdout stays for a tool's results, e.g. tools/predict.py --json)."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
@@ -61,7 +61,7 @@ def native_output_filtered():
             os.close(saved[fd])
         captured.seek(0)
         kept = [line for line in captured.read().decode(errors='replace').splitlines(keepends=True)
-                if not any(noise in line for noise in NATIVE_NOISE)]
+                if not any(text in line for text in noise)]
         captured.close()
         if kept:
             os.write(2, ''.join(kept).encode())

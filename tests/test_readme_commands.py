@@ -1,16 +1,18 @@
 """The README's commands, run as a user runs them (fresh processes, the built-in data written on first use), say
 what they do and print none of the third-party noise that common/__init__.py silences."""
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import TINY
+from tools.export import PADDLE2ONNX_PROGRESS
 
 ROOT = Path(__file__).resolve().parent.parent
 
 NOISE = ['No ccache found', 'always track global mean and variance', 'workers exit unexpectedly',
          'not support input out tensor', 'ReduceMeanCheckIfOneDNNSupport', "interface for pir graph mode",
-         'Traceback']
+         'Traceback', *PADDLE2ONNX_PROGRESS]
 
 
 def run(*args, cwd):
@@ -42,6 +44,8 @@ def test_readme_commands_say_what_they_do_and_print_no_noise(tmp_path):
     predicted = run(str(ROOT / 'tools' / 'predict.py'), '--model', 'inference/quickstart', '--images',
                     'data/shapes/val/star/0000.png', cwd=tmp_path)
     assert '1 images classified with inference/quickstart' in predicted
+    if importlib.util.find_spec('paddle2onnx') and importlib.util.find_spec('openvino'):  # requirements-deploy.txt
+        assert '(OpenVINO ' in predicted and (tmp_path / 'inference' / 'quickstart.onnx').is_file()
     drawn = run(str(ROOT / 'tools' / 'visualize_attention.py'), *best, '--image', 'data/shapes/val/star/0000.png',
                 '--query', '10', '10', '--out', 'attention.png', cwd=tmp_path)
     assert 'wrote attention.png' in drawn

@@ -82,32 +82,6 @@ def parity(out, ref, reference: str) -> dict:
             'parity_ok': bool(diff <= PARITY_TOLERANCE and rel <= PARITY_TOLERANCE)}
 
 
-def _export_onnx(model, prefix, shape):
-    """PREFIX.onnx the way tools/export.py --onnx writes it (export_onnx); with an older tools/export.py,
-    paddle2onnx on PREFIX.json. Returns (path, how)."""
-    import tools.export as ex
-    if hasattr(ex, 'export_onnx'):
-        return ex.export_onnx(model, prefix, shape), 'tools.export.export_onnx'
-    import paddle2onnx
-    ex.export(model, prefix, shape)
-    paddle2onnx.export(prefix + '.json', prefix + '.pdiparams', save_file=prefix + '.onnx',
-                       opset_version=getattr(ex, 'ONNX_OPSET', 13), enable_onnx_checker=True)
-    return prefix + '.onnx', 'paddle2onnx of PREFIX.json'
-
-
-def _openvino(model_or_path, shape, threads):
-    """A run(batch) -> logits for OpenVINO on the CPU: fp32 (never the bf16 it picks by itself on AVX512-BF16
-    and AMX CPUs), latency mode, ``threads`` threads, the input made static at ``shape``."""
-    import openvino as ov
-    core = ov.Core()
-    model = core.read_model(*model_or_path) if isinstance(model_or_path, tuple) else core.read_model(model_or_path)
-    model.reshape({model.inputs[0].get_any_name(): shape})
-    compiled = core.compile_model(model, 'CPU', {'INFERENCE_NUM_THREADS': threads, 'INFERENCE_PRECISION_HINT': 'f32',
-                                                 'PERFORMANCE_HINT': 'LATENCY'})
-    request = compiled.create_infer_request()
-    return lambda batch: request.infer([batch])[0], f'openvino {ov.__version__}'
-
-
 def _paddle_worker(spec):
     sys.path.insert(0, str(ROOT))
     from common.device import cpu_cores, setup
@@ -164,35 +138,28 @@ def _paddle_worker(spec):
             with paddle.no_grad():
                 return net(paddle.to_tensor(batch)).numpy()
         device = env.device
+        info.update(parity(run(probe), ref, 'eager Paddle'))
     else:
+        import shutil
         import tempfile
-        from tools.export import create_predictor, export, run_predictor
-        prefix = os.path.join(tempfile.mkdtemp(prefix='maxvit_bench_'), 'model')
+        import tools.export as ex
+        tmp = tempfile.mkdtemp(prefix='maxvit_bench_')
+        prefix = os.path.join(tmp, 'model')
         input_shape = shape[1:]
         device, threads = 'cpu', cpu_cores()
         if engine.startswith('inference'):
-            export(model, prefix, input_shape)
-            predictor = create_predictor(prefix, mkldnn=engine == 'inference-mkldnn')
+            ex.export(model, prefix, input_shape)
+            run, _ = ex.create_runner(prefix, 'paddle', threads, mkldnn=engine == 'inference-mkldnn')
             info['runtime'] += ' inference' + (' + oneDNN' if engine == 'inference-mkldnn' else '')
-            run = lambda batch: run_predictor(predictor, batch)  # noqa: E731
-        elif engine == 'onnxruntime':
-            import onnxruntime as ort
-            onnx_file, info['converted_by'] = _export_onnx(model, prefix, input_shape)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            session = ort.InferenceSession(onnx_file, options, providers=['CPUExecutionProvider'])
-            name = session.get_inputs()[0].name
-            run = lambda batch: session.run(None, {name: batch})[0]  # noqa: E731
-            info['runtime'] = f'onnxruntime {ort.__version__}'
-        elif engine == 'openvino':
-            onnx_file, info['converted_by'] = _export_onnx(model, prefix, input_shape)
-            run, info['runtime'] = _openvino(onnx_file, shape, threads)
+        elif engine in ('onnxruntime', 'openvino'):
+            ex.export_onnx(model, prefix, input_shape)
+            runner = ex.onnxruntime_runner if engine == 'onnxruntime' else ex.openvino_runner
+            run, info['runtime'] = runner(prefix + '.onnx', threads)
+            info['converted_by'] = 'tools.export.export_onnx'
         elif engine == 'openvino-paddle':  # the Paddle model itself, no ONNX in between
-            export(model, prefix, input_shape)
+            ex.export(model, prefix, input_shape)
             try:
-                run, info['runtime'] = _openvino((prefix + '.json', prefix + '.pdiparams'), shape, threads)
+                run, info['runtime'] = ex.openvino_runner((prefix + '.json', prefix + '.pdiparams'), threads)
             except RuntimeError as e:
                 import openvino as ov
                 why = str(e).strip().splitlines()[-1].split(' Please check')[0]
@@ -202,7 +169,8 @@ def _paddle_worker(spec):
         else:
             raise ValueError(f'unknown engine {engine}')
         del model  # the engine holds its own copy of the weights
-    info.update(parity(run(probe), ref, 'eager Paddle'))
+        info.update(parity(run(probe), ref, 'eager Paddle'))  # OpenVINO compiles for the batch's shape here
+        shutil.rmtree(tmp)  # every engine has read its files by now (a mapped file stays readable once unlinked)
     batch = x.numpy()
     return (lambda: float(np.sum(run(batch)))), device, info
 

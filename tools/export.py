@@ -1,10 +1,10 @@
-"""Export MaxViT weights to a Paddle Inference model (NAME.json + NAME.pdiparams + NAME.yaml), optionally ONNX.
+"""Export MaxViT weights to a Paddle Inference model (NAME.json + NAME.pdiparams + NAME.yaml) and to ONNX (NAME.onnx).
 
     python tools/export.py -c configs/quickstart.yaml -o Global.pretrained_model=output/quickstart/best
     python tools/export.py -c configs/maxvit_t_tf_224.yaml -o Global.pretrained_model=weights/maxvit_t_tf_224.pdparams \
         --output inference/maxvit_t --softmax
     python tools/export.py -c configs/maxvit_t.yaml -o Global.pretrained_model=output/maxvit_t/best --weights raw \
-        --size 384 384 --onnx              # also NAME.onnx (pip install -r requirements-deploy.txt)
+        --size 384 384 --no-onnx           # only the Paddle Inference model
 
 The model is saved in eval mode with a dynamic batch size: input 'image' [batch, C, H, W], H = W = Data.img_size
 unless --size H W. The output is logits, or probabilities (MaxViT.predict) with --softmax. NAME.yaml beside it
@@ -15,24 +15,31 @@ whether the output is logits or probabilities.
 Global.pretrained_model is a weights file (.pdparams, .safetensors, .npz) or a training checkpoint prefix
 (output/run/best); from a checkpoint, --weights picks the EMA or the raw weights (default: Global.eval_weights).
 
-create_predictor(prefix, mkldnn=True) and run_predictor(predictor, batch) run an exported model through
-paddle.inference on the CPU, with or without oneDNN (tools/predict.py and tools/benchmark.py use them). With
---onnx (pip install -r requirements-deploy.txt), export_onnx() writes PREFIX.onnx and check_onnx() compares it
-with the Paddle model when onnxruntime is installed.
+On the CPU, the fastest way we measured to run an exported model is OpenVINO on PREFIX.onnx (docs/performance.md
+compares it with Paddle Inference, onnxruntime and timm's torch.compile). So when paddle2onnx is installed
+(pip install -r requirements-deploy.txt), this tool also writes PREFIX.onnx (--no-onnx: don't; --onnx: fail
+without paddle2onnx), and checks it against the Paddle model in every ONNX runtime installed (onnxruntime,
+OpenVINO), within 1e-5; a file that fails the check is deleted. tools/predict.py --model PREFIX then runs
+PREFIX.onnx through OpenVINO when OpenVINO is installed, else PREFIX.json through Paddle Inference + oneDNN.
+
+From Python: create_runner(prefix, engine) -> (run, description), run(batch) -> outputs, for the engines 'auto',
+'openvino', 'onnxruntime' and 'paddle'; create_predictor / run_predictor for Paddle Inference itself.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import importlib.util
 import math
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import native_output_filtered  # noqa: E402  (first: silences known noise before Paddle loads)
+from common import NATIVE_NOISE, native_output_filtered  # noqa: E402  (first: silences known noise before Paddle loads)
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 import yaml  # noqa: E402
@@ -44,10 +51,21 @@ from common.device import cpu_cores  # noqa: E402
 PREPROCESS_KEYS = ('img_size', 'crop_pct', 'crop_mode', 'interpolation', 'mean', 'std')
 INPUT_NAME = 'image'
 ONNX_OPSET = 13  # paddle2onnx raises it by itself when an operator needs a newer one
+# What paddle2onnx 2.1 (and the Polygraphy constant folding it runs) print on every successful conversion;
+# everything else they print, warnings and errors included, still shows.
+PADDLE2ONNX_PROGRESS = ('[Paddle2ONNX] Start parsing the Paddle model file', '[Paddle2ONNX] Use opset_version',
+                        '[Paddle2ONNX] PaddlePaddle model is exported as ONNX format now',
+                        'Try to perform constant folding on the ONNX model with Polygraphy',
+                        "[W] 'colored' module is not installed", '[I] Folding Constants', '[I]     Total Nodes',
+                        '[INFO]\tONNX model saved in')
 
 
 class ExportError(RuntimeError):
     """An exported model that cannot be written or used as asked; the message says which file and why."""
+
+
+class MissingPackage(ExportError, ImportError):
+    """An optional deployment package (requirements-deploy.txt) that a feature needs is not installed."""
 
 
 class Probabilities(paddle.nn.Layer):
@@ -71,15 +89,15 @@ def checkpoint_class_names(path: str) -> Optional[List[str]]:
     return [str(n) for n in names] if names else None
 
 
-def _import_paddle2onnx():
-    """paddle2onnx is optional: imported only for --onnx, never when this module is imported."""
+def import_optional(module: str, purpose: str):
+    """An optional deployment package (requirements-deploy.txt), imported only when a feature needs it, never
+    when this module is imported; missing, an ExportError that says how to install it."""
     try:
-        import paddle2onnx
+        return importlib.import_module(module)
     except ImportError:
-        raise SystemExit('error: --onnx needs paddle2onnx, which is not installed here: pip install paddle2onnx '
-                         'onnxruntime, or pip install -r requirements-deploy.txt (then run the same command again)'
-                         ) from None
-    return paddle2onnx
+        raise MissingPackage(f'{purpose} needs {module}, which is not installed here: pip install -r '
+                          f'requirements-deploy.txt (paddle2onnx, onnxruntime, openvino), then run the same '
+                          f'command again') from None
 
 
 class TanhGELU(paddle.nn.Layer):
@@ -130,16 +148,22 @@ def export_onnx(model, prefix: str, input_shape: List[int], softmax: bool = Fals
     """PREFIX.onnx for ``model`` (what export() saves for the same arguments), with paddle2onnx. It converts a
     Paddle program saved for it alone, in which the tanh GELU of the official layout is written out (TanhGELU):
     PREFIX.json keeps Paddle's own gelu, which oneDNN fuses with the preceding matmul. Returns the path."""
-    paddle2onnx = _import_paddle2onnx()
+    paddle2onnx = import_optional('paddle2onnx', 'ONNX export')
     onnx_file = prefix + '.onnx'
     with tempfile.TemporaryDirectory() as tmp, tanh_gelu_written_out(model):
         src = str(Path(tmp) / 'model')
         export(model, src, input_shape, softmax)
-        paddle2onnx.export(src + '.json', src + '.pdiparams', save_file=onnx_file, opset_version=ONNX_OPSET,
-                           enable_onnx_checker=True)
+        with native_output_filtered(NATIVE_NOISE + PADDLE2ONNX_PROGRESS):
+            paddle2onnx.export(src + '.json', src + '.pdiparams', save_file=onnx_file, opset_version=ONNX_OPSET,
+                               enable_onnx_checker=True)
     if not Path(onnx_file).is_file():
         raise ExportError(f'paddle2onnx {paddle2onnx.__version__} did not write {onnx_file}')
     return onnx_file
+
+
+def dump_meta(meta: Dict) -> str:
+    """PREFIX.yaml's text."""
+    return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=None)
 
 
 def load_meta(prefix: str) -> Dict:
@@ -190,30 +214,136 @@ def run_predictor(predictor, batch: np.ndarray) -> np.ndarray:
     return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
 
 
-def check_onnx(prefix: str, tolerance: float = 1e-4) -> Optional[float]:
-    """When onnxruntime is installed: the largest difference between PREFIX.onnx and the Paddle model (Paddle
-    Inference, no oneDNN) on a random batch of 2; an ExportError above ``tolerance`` times the largest output
-    (at least 1). None without onnxruntime. (Both layouts match to about 1e-6; a broken conversion, or the tanh
-    GELU converted as the exact one, gives 1e-4 to 1e-3.)"""
-    try:
-        import onnxruntime
-    except ImportError:
-        print(f'note: onnxruntime is not installed, so {prefix}.onnx was not compared with the Paddle model '
-              f'(pip install onnxruntime to check it)', file=sys.stderr, flush=True)
-        return None
-    shape = load_meta(prefix)['input']['shape']
-    x = np.random.default_rng(0).standard_normal([2] + shape[1:]).astype(np.float32)
-    session = onnxruntime.InferenceSession(prefix + '.onnx', providers=['CPUExecutionProvider'])
-    out = session.run(None, {session.get_inputs()[0].name: x})[0]
-    ref = run_predictor(create_predictor(prefix, mkldnn=False), x)
-    diff = float(np.abs(out.astype(np.float64) - ref).max()) if out.shape == ref.shape else float('inf')
-    scale = max(1.0, float(np.abs(ref).max()))
-    if not diff <= tolerance * scale:
-        raise ExportError(f'{prefix}.onnx differs from the Paddle model by up to {diff:.3g} (outputs up to '
-                          f'{scale:.3g}; onnxruntime {onnxruntime.__version__}, random batch of 2): do not use it; '
-                          f'the Paddle Inference model {prefix}.json is fine')
-    print(f'{prefix}.onnx matches the Paddle model within {diff:.2e} (onnxruntime, random batch of 2)', flush=True)
-    return diff
+# ------------------------------------------------------------------------------------------------ running PREFIX.onnx
+ENGINES = ('auto', 'openvino', 'onnxruntime', 'paddle')
+# OpenVINO on the CPU in float32: left alone it computes in bf16 on CPUs with AVX512-BF16 or AMX (about 1e-2 off on
+# MaxViT-T's logits); latency mode: one request uses every thread.
+OPENVINO_CPU = {'INFERENCE_PRECISION_HINT': 'f32', 'PERFORMANCE_HINT': 'LATENCY'}
+# OpenVINO 2026.4 fuses each attention into a generated kernel ("snippets") when the shapes are static. For MaxViT-T
+# (7x7 windows) that kernel is exact (3e-7) and 15-20% faster than without it; for MaxViT with 2x2 windows (the
+# quickstart) it was 2e-5 (trained) to 4e-3 (random weights) off the logits, relative to the largest. So check_onnx tries OpenVINO as is first, then with these settings, and
+# PREFIX.yaml records the settings that passed (openvino_config), which create_runner uses.
+OPENVINO_WITHOUT_SNIPPETS = {'SNIPPETS_MODE': 'DISABLE'}
+
+
+def openvino_runner(model_files: Union[str, Tuple[str, ...]], threads: Optional[int] = None,
+                    config: Optional[Dict] = None) -> Tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """(run, 'OpenVINO VERSION') for the model in ``model_files`` (PREFIX.onnx, or files OpenVINO reads together)
+    on the CPU with ``threads`` threads (default: every core this process may use) and OPENVINO_CPU plus ``config``.
+    run(batch) returns the first output. The model is compiled for each input shape the first time it sees it
+    (about 1 s for MaxViT-T): static shapes ran 10-25% faster than one compile with a dynamic batch size
+    (MaxViT-T, batch 1 and 8)."""
+    ov = import_optional('openvino', 'the OpenVINO engine')
+    core = ov.Core()
+    source = core.read_model(*model_files) if isinstance(model_files, tuple) else core.read_model(model_files)
+    config = dict(OPENVINO_CPU, INFERENCE_NUM_THREADS=threads or cpu_cores(), **(config or {}))
+    requests = {}  # input shape -> infer request of the model compiled for it
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.shape not in requests:
+            model = source.clone()
+            model.reshape({model.inputs[0].get_any_name(): list(batch.shape)})
+            requests[batch.shape] = core.compile_model(model, 'CPU', config).create_infer_request()
+        return requests[batch.shape].infer([batch])[0].copy()  # the request reuses its output buffer
+    return run, f"OpenVINO {ov.__version__.split('-')[0]}"
+
+
+def onnxruntime_runner(onnx_file: str, threads: Optional[int] = None
+                       ) -> Tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """(run, 'onnxruntime VERSION') for ``onnx_file`` on the CPU: all graph optimisations, ``threads`` threads
+    inside each operator (default: every core this process may use), operators one after another."""
+    ort = import_optional('onnxruntime', 'the onnxruntime engine')
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads or cpu_cores(), 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(onnx_file, options, providers=['CPUExecutionProvider'])
+    name = session.get_inputs()[0].name
+    return (lambda batch: session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0],
+            f'onnxruntime {ort.__version__}')
+
+
+def create_runner(prefix: str, engine: str = 'auto', threads: Optional[int] = None, mkldnn: bool = True
+                  ) -> Tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """(run, description) for an exported model: run(float32 NCHW batch) -> its output as numpy.
+
+    engine 'openvino' and 'onnxruntime' run PREFIX.onnx, 'paddle' runs PREFIX.json through Paddle Inference (with
+    oneDNN unless mkldnn=False). 'auto' is OpenVINO when PREFIX.onnx is there and OpenVINO is installed (the
+    fastest on the CPUs we measured), else Paddle Inference."""
+    prefix, onnx_file = str(prefix), str(prefix) + '.onnx'
+    if engine not in ENGINES:
+        raise ExportError(f'unknown engine {engine!r}: one of {", ".join(ENGINES)}')
+    note = ''
+    if engine == 'auto':
+        has_openvino = importlib.util.find_spec('openvino') is not None
+        engine = 'openvino' if has_openvino and Path(onnx_file).is_file() else 'paddle'
+        if Path(onnx_file).is_file() and not has_openvino:
+            note = f'; {onnx_file} runs faster through OpenVINO: pip install -r requirements-deploy.txt'
+    if engine == 'paddle':
+        predictor = create_predictor(prefix, mkldnn, threads)
+        return (lambda batch: run_predictor(predictor, batch),
+                f'Paddle Inference, {"oneDNN" if mkldnn else "no oneDNN"}{note}')
+    if not Path(onnx_file).is_file():
+        raise ExportError(f'the {engine} engine runs {onnx_file}, which is not there: write it with tools/export.py '
+                          f'(pip install -r requirements-deploy.txt first), or use --engine paddle')
+    if engine == 'openvino':
+        config = (load_meta(prefix).get('openvino_config') if Path(prefix + '.yaml').is_file() else None) or {}
+        run, version = openvino_runner(onnx_file, threads, config)
+        version += ' without its attention kernels' if config == OPENVINO_WITHOUT_SNIPPETS else (
+            ''.join(f', {k} {v}' for k, v in config.items()))
+    else:
+        run, version = onnxruntime_runner(onnx_file, threads)
+    return run, f'{version} on {Path(onnx_file).name}, fp32'
+
+
+def check_onnx(prefix: str, tolerance: float = 1e-5) -> Dict[str, float]:
+    """PREFIX.onnx against the Paddle model (Paddle Inference, no oneDNN) on random batches of 1 and 3, in every ONNX
+    runtime installed (onnxruntime, OpenVINO): {runtime: largest difference}. OpenVINO is tried as is, then without
+    its attention kernels (OPENVINO_WITHOUT_SNIPPETS); the settings that pass go into PREFIX.yaml (openvino_config).
+    Above ``tolerance`` times the largest output (at least 1) otherwise, PREFIX.onnx is deleted (tools/predict.py
+    would pick it up) and an ExportError says why. (Both layouts match to 1e-7 - 2e-6 in onnxruntime; the tanh GELU
+    converted as the exact one gave 1e-3, OpenVINO's attention kernels on 2x2 windows 2e-5 to 4e-3.)"""
+    engines = [e for e in ('onnxruntime', 'openvino') if importlib.util.find_spec(e) is not None]
+    if not engines:
+        print(f'note: neither onnxruntime nor openvino is installed, so {prefix}.onnx was not compared with the '
+              f'Paddle model (pip install -r requirements-deploy.txt to check it)', file=sys.stderr, flush=True)
+        return {}
+    meta = load_meta(prefix)
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal([n] + meta['input']['shape'][1:]).astype(np.float32) for n in (1, 3)]
+    predictor = create_predictor(prefix, mkldnn=False)
+    refs = [run_predictor(predictor, x) for x in inputs]
+    scale = max(1.0, max(float(np.abs(ref).max()) for ref in refs))
+
+    def largest_diff(run):
+        outs = [run(x) for x in inputs]
+        if any(out.shape != ref.shape for out, ref in zip(outs, refs)):
+            return float('inf')
+        return max(float(np.abs(out.astype(np.float64) - ref).max()) for out, ref in zip(outs, refs))
+
+    diffs = {}
+    for engine in engines:
+        if engine == 'onnxruntime':
+            run, version = onnxruntime_runner(prefix + '.onnx')
+            diffs[engine] = largest_diff(run)
+        else:
+            for config in ({}, OPENVINO_WITHOUT_SNIPPETS):
+                run, version = openvino_runner(prefix + '.onnx', config=config)
+                diffs[engine] = largest_diff(run)
+                if diffs[engine] <= tolerance * scale:
+                    meta['openvino_config'] = config
+                    Path(prefix + '.yaml').write_text(dump_meta(meta), encoding='utf-8')
+                    break
+        if not diffs[engine] <= tolerance * scale:
+            Path(prefix + '.onnx').unlink()
+            raise ExportError(f'{prefix}.onnx differed from the Paddle model by up to {diffs[engine]:.3g} in '
+                              f'{version} (outputs up to {scale:.3g}, random batches of 1 and 3), so it was '
+                              f'deleted; the Paddle Inference model {prefix}.json is fine (tools/predict.py uses it)')
+    print(f'{prefix}.onnx matches the Paddle model within {max(diffs.values()):.2e} ({", ".join(engines)}'
+          f'{"; OpenVINO without its attention kernels" if meta.get("openvino_config") else ""}; random batches '
+          f'of 1 and 3)', flush=True)
+    return diffs
 
 
 def main(argv=None) -> Dict:
@@ -225,10 +355,18 @@ def main(argv=None) -> Dict:
                         help='output prefix, writes PREFIX.json/.pdiparams/.yaml (default: inference/CONFIG_NAME)')
     parser.add_argument('--size', type=int, nargs=2, metavar=('H', 'W'),
                         help='input size (default: Data.img_size); predict.py needs a square')
-    parser.add_argument('--onnx', action='store_true',
-                        help='also write PREFIX.onnx with paddle2onnx (pip install -r requirements-deploy.txt)')
+    parser.add_argument('--onnx', action=argparse.BooleanOptionalAction, default=None,
+                        help='also write PREFIX.onnx, which predict.py runs through OpenVINO (default: when '
+                             'paddle2onnx is installed; --onnx: fail without it; --no-onnx: never)')
     args = parser.parse_args(argv)
-    paddle2onnx = _import_paddle2onnx() if args.onnx else None  # fail before any work
+    if args.onnx is None:
+        args.onnx = importlib.util.find_spec('paddle2onnx') is not None
+        if not args.onnx:
+            print('note: paddle2onnx is not installed, so no PREFIX.onnx is written and tools/predict.py will use '
+                  'Paddle Inference; for the faster OpenVINO path: pip install -r requirements-deploy.txt',
+                  file=sys.stderr, flush=True)
+    elif args.onnx:
+        import_optional('paddle2onnx', '--onnx')  # fail before any work
     cfg = load_config(args.config, args.override)
     g, d = cfg['Global'], cfg['Data']
     if not g['pretrained_model']:
@@ -258,18 +396,18 @@ def main(argv=None) -> Dict:
         'config': str(args.config),
         'paddle_version': paddle.__version__,
     }
-    text = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=None)
-    Path(prefix + '.yaml').write_text(text, encoding='utf-8')
+    Path(prefix + '.yaml').write_text(dump_meta(meta), encoding='utf-8')
     files.append(prefix + '.yaml')
 
-    onnx_file, onnx_diff = None, None
-    if paddle2onnx is not None:
+    onnx_file, onnx_diffs = None, {}
+    if args.onnx:
         onnx_file = export_onnx(model, prefix, [channels, height, width], softmax=args.softmax)
+        onnx_diffs = check_onnx(prefix)
         files.append(onnx_file)
-        onnx_diff = check_onnx(prefix)
+        meta = load_meta(prefix)  # with the OpenVINO settings that passed
     print(f'exported {what} -> {", ".join(files)} (input {meta["input"]["shape"]}, output {meta["output"]}, '
           f'{"class names from the checkpoint" if meta["class_names"] else "no class names"})', flush=True)
-    return {'prefix': prefix, 'files': files, 'meta': meta, 'onnx': onnx_file, 'onnx_max_abs_diff': onnx_diff}
+    return {'prefix': prefix, 'files': files, 'meta': meta, 'onnx': onnx_file, 'onnx_diffs': onnx_diffs}
 
 
 if __name__ == '__main__':

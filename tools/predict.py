@@ -13,9 +13,11 @@ this script expand them; '**' recurses), any number of each. Images go through t
 Two ways to run a model:
 * -c CONFIG -o Global.pretrained_model=WEIGHTS: the dynamic-graph model, built from the config; from a training
   checkpoint prefix, --weights picks the EMA or raw weights (default: Global.eval_weights).
-* --model PREFIX: a model written by tools/export.py, run by Paddle Inference on the CPU; PREFIX.yaml gives the
-  preprocessing, the class names and whether the model outputs logits or probabilities. No config needed.
-  oneDNN is used unless --no-mkldnn.
+* --model PREFIX: a model written by tools/export.py, run on the CPU; PREFIX.yaml gives the preprocessing, the
+  class names and whether the model outputs logits or probabilities. No config needed. --engine picks the runtime:
+  auto (default) is OpenVINO on PREFIX.onnx when both are there (the fastest CPU path we measured; export.py
+  writes PREFIX.onnx and checks it when requirements-deploy.txt is installed), else Paddle Inference on
+  PREFIX.json with oneDNN (unless --no-mkldnn); openvino, onnxruntime and paddle ask for one.
 
 Class names come from --labels (one name per line), else from the training checkpoint or the export's yaml,
 else they are the class indices. An unreadable image is reported on stderr (path and reason) and skipped.
@@ -41,8 +43,7 @@ from common.config import ConfigError, add_config_args, build_model, load_config
 from common.data import IMG_EXTENSIONS, DataError, read_rgb  # noqa: E402
 from common.transforms import build_transform  # noqa: E402
 from common.device import setup  # noqa: E402
-from tools.export import (ExportError, checkpoint_class_names, create_predictor, load_meta,  # noqa: E402
-                          run_predictor)
+from tools.export import ENGINES, ExportError, checkpoint_class_names, create_runner, load_meta  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -117,14 +118,13 @@ def _build_runner(args):
             raise ExportError(f'{args.model} was exported for {height}x{width} inputs, but its preprocessing makes '
                               f'{cfg["Data"]["img_size"]}x{cfg["Data"]["img_size"]} images: re-export it with '
                               f'--size S S (a square)')
-        mkldnn = not args.no_mkldnn
-        predictor = create_predictor(args.model, mkldnn=mkldnn, threads=args.threads)
+        forward, runtime = create_runner(args.model, args.engine, threads=args.threads, mkldnn=not args.no_mkldnn)
         probabilities = meta['output'] == 'probabilities'
 
         def run(batch):
-            out = run_predictor(predictor, batch)
+            out = forward(batch)
             return out if probabilities else softmax(out)
-        what = f'{args.model} (Paddle Inference, {"oneDNN" if mkldnn else "no oneDNN"}, {meta["output"]})'
+        what = f'{args.model} ({runtime}, {meta["output"]})'
         return run, build_transform(cfg, train=False), meta.get('num_classes'), meta.get('class_names'), what
 
     cfg = load_config(args.config, args.override)
@@ -156,11 +156,20 @@ def main(argv=None) -> List[Dict]:
     parser.add_argument('--batch-size', type=int, default=16, help='images per forward pass (default 16)')
     parser.add_argument('--weights', choices=('ema', 'raw'), default=None,
                         help="with -c: a training checkpoint's EMA or raw weights (default: Global.eval_weights)")
-    parser.add_argument('--no-mkldnn', action='store_true', help='with --model: run without oneDNN')
+    parser.add_argument('--engine', choices=ENGINES, default='auto',
+                        help='with --model: the runtime (default auto: OpenVINO on PREFIX.onnx when both are there, '
+                             'else Paddle Inference)')
+    parser.add_argument('--no-mkldnn', action='store_true', help='with --model --engine paddle: run without oneDNN')
     parser.add_argument('--threads', type=int, default=None, help='with --model: CPU threads (default: all cores)')
     args = parser.parse_args(argv)
     if bool(args.config) == bool(args.model):
         parser.error('give either -c CONFIG (with -o Global.pretrained_model=...) or --model PREFIX')
+    if args.engine != 'auto' and not args.model:
+        parser.error('--engine runs an exported model: give --model PREFIX (with -c the dynamic-graph model runs)')
+    if args.no_mkldnn and args.engine in ('openvino', 'onnxruntime'):
+        parser.error(f'--no-mkldnn is a Paddle Inference setting; --engine {args.engine} does not use oneDNN')
+    if args.no_mkldnn:
+        args.engine = 'paddle'
     if args.model and args.override:
         parser.error('-o overrides need -c CONFIG; an exported model (--model) takes its settings from PREFIX.yaml')
     if args.topk < 1 or args.batch_size < 1:
