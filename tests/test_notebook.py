@@ -1,7 +1,8 @@
-"""notebooks/maxvit_walkthrough.ipynb runs top to bottom in a fresh kernel, as a user runs it (its default short
-training run included), started from notebooks/, with its data and checkpoints in a temporary folder
-(MAXVIT_WORKDIR). The notebook file itself is never written. Needs nbclient and ipykernel
-(requirements-dev.txt); about 90 s on 2 CPU cores."""
+"""notebooks/maxvit_walkthrough.ipynb runs top to bottom in a fresh kernel, as a user runs it, started from
+notebooks/, with its data and checkpoints in a temporary folder (MAXVIT_WORKDIR). The notebook file itself is never
+written. Its parameters cell is set to a run of 8 optimizer steps, as a tool like papermill would: the default run
+(6 epochs, about 80 s; the notebook states what it reached) is a measurement, not a test, and training that learns
+is tested in tests/test_train.py. Needs nbclient and ipykernel (requirements-dev.txt); about 20 s on 2 CPU cores."""
 import json
 import re
 import time
@@ -36,9 +37,18 @@ def cell_with(nb, source_fragment):
     return cells[0]
 
 
+# The parameters cell as the notebook ships it, and as this test runs it.
+DEFAULT_PARAMETERS = ['EPOCHS = 6 ', 'MAX_STEPS = None ', "OVERRIDES = ['Optimizer.warmup_steps=62']",
+                      'CHECKPOINT = None ']
+TEST_PARAMETERS = "EPOCHS = 1\nMAX_STEPS = 8\nOVERRIDES = ['Optimizer.warmup_steps=4']\nCHECKPOINT = None\n"
+
+
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     before = NOTEBOOK.read_bytes()
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    parameters = cell_with(nb, 'EPOCHS = ')
+    assert all(line in parameters.source for line in DEFAULT_PARAMETERS), parameters.source
+    parameters.source = TEST_PARAMETERS
     monkeypatch.setenv('MAXVIT_WORKDIR', str(tmp_path))
     start = time.perf_counter()
     nbclient.NotebookClient(nb, kernel_name='python3', timeout=600,
@@ -60,7 +70,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
         assert (out / name).is_file(), name
     assert len(list((tmp_path / 'data' / 'shapes' / 'val').rglob('*.png'))) == 500
     log = (out / 'train.log').read_text()
-    assert 'epoch 6/6 step 62/62' in log and 'epoch 6 eval (ema): top-1' in log
+    assert 'epoch 1/1 step 8/8' in log and 'epoch 1 eval (ema): top-1' in log
 
     # the prediction: three classes with probabilities, from the checkpoint's class names
     prediction = text_of(cell_with(nb, 'model.predict(x)'))
@@ -69,8 +79,8 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
                         'triangle'])
     rows = [line.split() for line in prediction.splitlines() if line.strip().endswith('%')]
     assert len(rows) == 3 and all(name in names for name, _ in rows), prediction
-    # the default (short) run already predicts better than chance: the true class first, well above 10%
-    assert rows[0][0] == 'star' and float(rows[0][1].rstrip('%')) > 20, prediction
+    probabilities = [float(p.rstrip('%')) for _, p in rows]
+    assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 100.1, prediction
 
     # the attention picture is shown inline
     attention = cell_with(nb, 'visualize_attention.main(')

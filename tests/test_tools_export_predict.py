@@ -222,12 +222,12 @@ def test_tanh_gelu_written_out_equals_paddles_and_is_put_back():
 
 
 @needs_onnx
-@pytest.mark.parametrize('layout', ['article', 'official'])
-@pytest.mark.parametrize('size', [(64, 64), (40, 56)], ids=['64x64', '40x56-padded'])
+@pytest.mark.parametrize('layout, size', [('article', (64, 64)), ('official', (40, 56))],
+                         ids=['article-64x64', 'official-40x56-padded'])
 def test_onnx_export_matches_the_paddle_model(tmp_path, layout, size):
     """tools/export.py --onnx: onnxruntime and OpenVINO give the dynamic graph's logits within 1e-4 for both layouts,
-    at a size the window grid divides (stage maps 16, 8, 4, 2) and one it does not (10x14, 5x7, 3x4, 2x2: padded,
-    masked)."""
+    one at a size the window grid divides (stage maps 16, 8, 4, 2), the other (the official layout, which converted
+    weights use, e.g. at 384) at one it does not (10x14, 5x7, 3x4, 2x2: padded, masked)."""
     import onnx
     import onnxruntime
     overrides = OVERRIDES + LAYOUTS[layout]
@@ -257,22 +257,10 @@ def test_onnx_export_matches_the_paddle_model(tmp_path, layout, size):
 
 
 @needs_onnx
-def test_onnx_that_differs_from_the_paddle_model_is_deleted(run, tmp_path):
-    prefix = str(tmp_path / 'maxvit')
-    export.main(config_args(f'Global.pretrained_model={run["ckpt"]}') + ['--output', prefix, '--no-onnx'])
-    other = dynamic_model(run, weights='raw')                             # not the EMA weights the export holds
-    export.export_onnx(other, prefix, [3, 32, 32])
-    with pytest.raises(export.ExportError, match='so it was deleted'):
-        export.check_onnx(prefix)
-    assert not Path(prefix + '.onnx').exists() and Path(prefix + '.json').is_file()
-    assert export.create_runner(prefix)[1].startswith('Paddle Inference')  # predict.py falls back to it
-
-
-@needs_onnx
 def test_predict_runs_the_onnx_through_openvino_by_default(run, tmp_path, capsys):
     """export.py writes PREFIX.onnx by default where paddle2onnx is installed; predict.py --model then uses OpenVINO,
     and every engine gives the dynamic model's probabilities (padded 32x32 model; batches of 16 and a remainder,
-    so OpenVINO compiles for two shapes)."""
+    so OpenVINO compiles for two shapes). A wrong PREFIX.onnx is deleted by the check."""
     prefix = str(tmp_path / 'maxvit')
     result = export.main(config_args(f'Global.pretrained_model={run["ckpt"]}') + ['--output', prefix])
     assert result['onnx'] == prefix + '.onnx' and max(result['onnx_diffs'].values()) < 1e-5
@@ -287,6 +275,14 @@ def test_predict_runs_the_onnx_through_openvino_by_default(run, tmp_path, capsys
         assert f'21 images classified with {prefix} ({says}' in capsys.readouterr().err, engine
     predict.main(['--model', prefix, '--images', *paths[:2], '--no-mkldnn'])
     assert '(Paddle Inference, no oneDNN, logits)' in capsys.readouterr().err
+
+    # an ONNX file that does not hold the exported model (here: the raw weights, not the EMA ones) is deleted by the
+    # check, and predict.py falls back to the Paddle model
+    export.export_onnx(dynamic_model(run, weights='raw'), prefix, [3, 32, 32])
+    with pytest.raises(export.ExportError, match='so it was deleted'):
+        export.check_onnx(prefix)
+    assert not Path(prefix + '.onnx').exists() and Path(prefix + '.json').is_file()
+    assert export.create_runner(prefix)[1].startswith('Paddle Inference')
 
 
 def test_predict_engine_needs_its_files(run, exported, capsys):
