@@ -1,6 +1,8 @@
 """Shared fixtures: a small shapes dataset on disk and a tiny training config, so that tests run real
 training on real image files in seconds."""
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,18 +33,47 @@ def shapes(tmp_path_factory):
     return str(root / 'train'), str(root / 'val')
 
 
+def quickstart_args(train_root, val_root, output, *overrides):
+    """Arguments for train.main/eval.main: the quickstart config shrunk by TINY, on the given data and output."""
+    args = ['-c', str(ROOT / 'configs' / 'quickstart.yaml')]
+    for o in TINY + [f'Data.train_root={train_root}', f'Data.val_root={val_root}', f'Global.output_dir={output}',
+                     *overrides]:
+        args += ['-o', o]
+    return args
+
+
 @pytest.fixture
 def train_args(shapes, tmp_path):
-    """Arguments for train.main/eval.main: the quickstart config shrunk by TINY, writing into tmp_path."""
-    train_root, val_root = shapes
-
+    """make(*overrides, output=None): quickstart_args on the shapes fixture, writing into tmp_path/out."""
     def make(*overrides, output=None):
-        args = ['-c', str(ROOT / 'configs' / 'quickstart.yaml')]
-        for o in TINY + [f'Data.train_root={train_root}', f'Data.val_root={val_root}',
-                         f'Global.output_dir={output or tmp_path / "out"}'] + list(overrides):
-            args += ['-o', o]
-        return args
+        return quickstart_args(*shapes, output or tmp_path / 'out', *overrides)
     return make
+
+
+def launch_two_processes(args, log_dir):
+    """python -m paddle.distributed.launch --nproc_per_node 2 train.py ARGS on the CPU: (process, worker logs)."""
+    result = subprocess.run([sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2',
+                             '--log_dir', str(log_dir), str(ROOT / 'train.py')] + args,
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    logs = {p.name: p.read_text() for p in Path(log_dir).glob('workerlog.*')}
+    assert result.returncode == 0, result.stderr[-2000:] + ''.join(logs.values())[-3000:]
+    return result, logs
+
+
+# One optimizer step of 64 images (16 per process x 2 processes x 2 accumulation steps) on the built-in data
+TWO_PROCESS = ['Global.epochs=1', 'Optimizer.global_batch_size=64', 'Data.format=shapes',
+               'Global.max_steps_per_epoch=1']
+
+
+@pytest.fixture(scope='session')
+def two_process_run(tmp_path_factory):
+    """A 2-process CPU run of train.py on the built-in data, not written yet: rank 0 writes it while rank 1 waits
+    (README: Training). {'out', 'data', 'logs'}; tests/test_recompute.py compares its own 2-process run with it."""
+    root = tmp_path_factory.mktemp('two_process')
+    data, out = root / 'shapes', root / 'dist'
+    _, logs = launch_two_processes(quickstart_args(data / 'train', data / 'val', out, *TWO_PROCESS),
+                                   root / 'launch_log')
+    return {'out': out, 'data': data, 'logs': logs}
 
 
 @pytest.fixture

@@ -1,7 +1,4 @@
 """Model.recompute: gradient checkpointing of every Max_Block gives the plain gradients with less memory."""
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import paddle
@@ -11,9 +8,9 @@ import maxvit
 import train
 from common.checkpoint import load_checkpoint
 from common.config import ConfigError, load_config
+from conftest import TWO_PROCESS, launch_two_processes, quickstart_args
 from maxvit import MaxViT, tiny_args
 
-ROOT = Path(__file__).resolve().parent.parent
 
 SMALL = dict(tiny_args, stage_num_block=[1, 2, 1, 1], stem_dim=8, stage_dim=16, num_heads=1, block_size=[2, 2],
              grid_size=[2, 2], num_classes=10, drop_path=0.3)
@@ -116,18 +113,15 @@ def test_training_run_with_recompute_matches_and_its_checkpoint_loads_without(tr
     model.set_state_dict(b)
 
 
-def test_two_process_run_with_recompute_equals_the_plain_one(train_args, tmp_path):
+def test_two_process_run_with_recompute_equals_the_plain_one(two_process_run, tmp_path):
     # DataParallel's all-reduce hooks cannot follow recompute's second backward pass: train.py all-reduces the
-    # gradients after the backward pass instead (fused_allreduce_gradients), with the same result
-    def launch(name, *overrides):
-        args = train_args('Global.epochs=1', 'Optimizer.global_batch_size=64', *overrides, output=tmp_path / name)
-        result = subprocess.run([sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2',
-                                 '--log_dir', str(tmp_path / f'{name}_log'), str(ROOT / 'train.py')] + args,
-                                cwd=ROOT, capture_output=True, text=True, timeout=300)
-        logs = ''.join(p.read_text() for p in (tmp_path / f'{name}_log').glob('workerlog.*'))
-        assert result.returncode == 0, result.stderr[-2000:] + logs[-3000:]
-        return load_checkpoint(str(tmp_path / name / 'latest'))[0]
-    plain, checkpointed = launch('plain'), launch('recompute', 'Model.recompute=true')
+    # gradients after the backward pass instead (fused_allreduce_gradients), with the same result. The plain run
+    # is the shared 2-process run of tests/test_train.py; this one reads the data that run wrote.
+    data = two_process_run['data']
+    launch_two_processes(quickstart_args(data / 'train', data / 'val', tmp_path / 'recompute', *TWO_PROCESS,
+                                         'Model.recompute=true'), tmp_path / 'launch_log')
+    plain = load_checkpoint(str(two_process_run['out'] / 'latest'))[0]
+    checkpointed = load_checkpoint(str(tmp_path / 'recompute' / 'latest'))[0]
     assert list(plain) == list(checkpointed)
     for k in plain:
         np.testing.assert_allclose(checkpointed[k], plain[k], rtol=1e-5, atol=1e-7, err_msg=k)
