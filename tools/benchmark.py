@@ -17,11 +17,12 @@ in one run, never absolute times across machines.
 
 Engines that run the network another way than eager Paddle (static, inference*, onnxruntime, openvino*) first
 compare their logits with eager Paddle's on one standard-normal batch: the table's max|diff| (and over the largest
-logit, rel diff), marked ! above 1e-4. onnxruntime and openvino run the .onnx that tools/export.py --onnx writes
-(paddle2onnx), with this process's cores as threads, onnxruntime at graph optimisation level ALL and OpenVINO in
-fp32 latency mode; openvino-paddle asks OpenVINO to read the Paddle model itself. They need optional packages
-(pip install -r requirements-deploy.txt openvino) and are skipped, with the reason, where those are missing or
-cannot read the model.
+logit, rel diff), marked ! above 1e-4. onnxruntime and openvino run the .onnx that tools/export.py writes
+(export_onnx, paddle2onnx) the way tools/predict.py runs it (tools.export's onnxruntime_runner and openvino_runner:
+this process's cores as threads, onnxruntime at graph optimisation level ALL, OpenVINO in fp32 latency mode,
+compiled for the batch's shape); openvino-paddle asks OpenVINO to read the Paddle model itself. They need
+optional packages (pip install -r requirements-deploy.txt) and are skipped, with the reason, where those are
+missing or cannot read the model.
 
 timm runs in the interpreter given by --timm-python (torch and timm installed there; never needed by this
 repository), with the same number of threads: eager, channels_last (model and input) and torch.compile (inductor;
