@@ -160,8 +160,9 @@ def test_export_needs_weights(tmp_path):
 
 def test_onnx_without_paddle2onnx_says_how_to_install(run, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, 'paddle2onnx', None)  # makes `import paddle2onnx` fail, installed or not
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'paddle2onnx' else find_spec(name, *a))
+    find_spec = importlib.util.find_spec  # and export.py's check for it say so
+    monkeypatch.setattr(importlib.util, 'find_spec',
+                        lambda name, *a: None if name == 'paddle2onnx' else find_spec(name, *a))
     # importing the tool does not need paddle2onnx
     fresh = importlib.util.spec_from_file_location('export_fresh', ROOT / 'tools' / 'export.py')
     fresh.loader.exec_module(importlib.util.module_from_spec(fresh))

@@ -148,30 +148,32 @@ def _paddle_worker(spec):
         prefix = os.path.join(tmp, 'model')
         input_shape = shape[1:]
         device, threads = 'cpu', cpu_cores()
-        if engine.startswith('inference'):
-            ex.export(model, prefix, input_shape)
-            run, _ = ex.create_runner(prefix, 'paddle', threads, mkldnn=engine == 'inference-mkldnn')
-            info['runtime'] += ' inference' + (' + oneDNN' if engine == 'inference-mkldnn' else '')
-        elif engine in ('onnxruntime', 'openvino'):
-            ex.export_onnx(model, prefix, input_shape)
-            runner = ex.onnxruntime_runner if engine == 'onnxruntime' else ex.openvino_runner
-            run, info['runtime'] = runner(prefix + '.onnx', threads)
-            info['converted_by'] = 'tools.export.export_onnx'
-        elif engine == 'openvino-paddle':  # the Paddle model itself, no ONNX in between
-            ex.export(model, prefix, input_shape)
-            try:
-                run, info['runtime'] = ex.openvino_runner((prefix + '.json', prefix + '.pdiparams'), threads)
-            except RuntimeError as e:
-                import openvino as ov
-                why = str(e).strip().splitlines()[-1].split(' Please check')[0]
-                raise SkipEngine(f"openvino {ov.__version__.split('-')[0]} cannot read the model.json that "
-                                 f"paddle.jit.save writes (Paddle {paddle.__version__}, PIR): its Paddle frontend "
-                                 f"reads the older .pdmodel ({why[:120]})") from None
-        else:
-            raise ValueError(f'unknown engine {engine}')
-        del model  # the engine holds its own copy of the weights
-        info.update(parity(run(probe), ref, 'eager Paddle'))  # OpenVINO compiles for the batch's shape here
-        shutil.rmtree(tmp)  # every engine has read its files by now (a mapped file stays readable once unlinked)
+        try:
+            if engine.startswith('inference'):
+                ex.export(model, prefix, input_shape)
+                run, _ = ex.create_runner(prefix, 'paddle', threads, mkldnn=engine == 'inference-mkldnn')
+                info['runtime'] += ' inference' + (' + oneDNN' if engine == 'inference-mkldnn' else '')
+            elif engine in ('onnxruntime', 'openvino'):
+                ex.export_onnx(model, prefix, input_shape)
+                runner = ex.onnxruntime_runner if engine == 'onnxruntime' else ex.openvino_runner
+                run, info['runtime'] = runner(prefix + '.onnx', threads)
+                info['converted_by'] = 'tools.export.export_onnx'
+            elif engine == 'openvino-paddle':  # the Paddle model itself, no ONNX in between
+                ex.export(model, prefix, input_shape)
+                try:
+                    run, info['runtime'] = ex.openvino_runner((prefix + '.json', prefix + '.pdiparams'), threads)
+                except RuntimeError as e:
+                    import openvino as ov
+                    why = str(e).strip().splitlines()[-1].split(' Please check')[0]
+                    raise SkipEngine(f"openvino {ov.__version__.split('-')[0]} cannot read the model.json that "
+                                     f"paddle.jit.save writes (Paddle {paddle.__version__}, PIR): its Paddle frontend "
+                                     f"reads the older .pdmodel ({why[:120]})") from None
+            else:
+                raise ValueError(f'unknown engine {engine}')
+            del model  # the engine holds its own copy of the weights
+            info.update(parity(run(probe), ref, 'eager Paddle'))  # OpenVINO compiles for the batch's shape here
+        finally:  # every engine has read its files by now (a mapped file stays readable once unlinked)
+            shutil.rmtree(tmp, ignore_errors=True)
     batch = x.numpy()
     return (lambda: float(np.sum(run(batch)))), device, info
 

@@ -225,8 +225,9 @@ ENGINES = ('auto', 'openvino', 'onnxruntime', 'paddle')
 OPENVINO_CPU = {'INFERENCE_PRECISION_HINT': 'f32', 'PERFORMANCE_HINT': 'LATENCY'}
 # OpenVINO 2026.4 fuses each attention into a generated kernel ("snippets") when the shapes are static. For MaxViT-T
 # (7x7 windows) that kernel is exact (3e-7) and 15-20% faster than without it; for MaxViT with 2x2 windows (the
-# quickstart) it was 2e-5 (trained) to 4e-3 (random weights) off the logits, relative to the largest. So check_onnx tries OpenVINO as is first, then with these settings, and
-# PREFIX.yaml records the settings that passed (openvino_config), which create_runner uses.
+# quickstart) it was 2e-5 (trained) to 4e-3 (random weights) off the logits, relative to the largest. So check_onnx
+# tries OpenVINO as is first, then with these settings, and PREFIX.yaml records the settings that passed
+# (openvino_config), which create_runner uses.
 OPENVINO_WITHOUT_SNIPPETS = {'SNIPPETS_MODE': 'DISABLE'}
 
 
