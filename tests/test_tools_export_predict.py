@@ -277,9 +277,14 @@ def test_predict_runs_the_onnx_through_openvino_by_default(run, tmp_path, capsys
     predict.main(['--model', prefix, '--images', *paths[:2], '--no-mkldnn'])
     assert '(Paddle Inference, no oneDNN, logits)' in capsys.readouterr().err
 
-    # an ONNX file that does not hold the exported model (here: the raw weights, not the EMA ones) is deleted by the
-    # check, and predict.py falls back to the Paddle model
-    export.export_onnx(dynamic_model(run, weights='raw'), prefix, [3, 32, 32])
+    # an ONNX file that does not hold the exported model (here: one weight tensor 1% off) is deleted by the check,
+    # and predict.py falls back to the Paddle model
+    import onnx
+    from onnx import numpy_helper
+    graph = onnx.load(prefix + '.onnx')
+    weight = next(t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4)
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
+    onnx.save(graph, prefix + '.onnx')
     with pytest.raises(export.ExportError, match='so it was deleted'):
         export.check_onnx(prefix)
     assert not Path(prefix + '.onnx').exists() and Path(prefix + '.json').is_file()
