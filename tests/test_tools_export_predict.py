@@ -277,6 +277,21 @@ def test_predict_runs_the_onnx_through_openvino_by_default(run, tmp_path, capsys
     predict.main(['--model', prefix, '--images', *paths[:2], '--no-mkldnn'])
     assert '(Paddle Inference, no oneDNN, logits)' in capsys.readouterr().err
 
+    # bf16 through OpenVINO where the CPU has it: probabilities within 2e-2 (measured up to 2e-2 on the quickstart's
+    # 500 val images, top-1 unchanged); elsewhere an error that says why
+    import openvino
+    if 'BF16' in openvino.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES'):
+        results = predict.main(['--model', prefix, '--images', *paths, '--precision', 'bf16', '--topk', '10'])
+        err = capsys.readouterr().err
+        assert f'21 images classified with {prefix} (OpenVINO' in err and ', bf16, logits)' in err
+        probs = np.array([[t['prob'] for t in sorted(r['topk'], key=lambda t: t['index'])] for r in results])
+        assert 0 < max_diff(probs, reference(run, paths)) < 2e-2
+    else:
+        with pytest.raises(export.ExportError, match='bf16 needs a CPU with bfloat16 arithmetic'):
+            predict.main(['--model', prefix, '--images', *paths, '--precision', 'bf16'])
+    with pytest.raises(export.ExportError, match='bf16 runs through OpenVINO only'):
+        predict.main(['--model', prefix, '--images', *paths, '--precision', 'bf16', '--engine', 'paddle'])
+
     # an ONNX file that does not hold the exported model (here: one weight tensor 1% off) is deleted by the check,
     # and predict.py falls back to the Paddle model
     import onnx
@@ -301,7 +316,7 @@ def test_predict_engine_needs_its_files(run, exported, capsys):
     with pytest.raises(SystemExit):
         predict.main(config_args(f'Global.pretrained_model={run["ckpt"]}') + [
             '--images', run['images'][0], '--engine', 'paddle'])
-    assert '--engine runs an exported model' in capsys.readouterr().err
+    assert '--engine and --precision run an exported model' in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ predict

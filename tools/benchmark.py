@@ -20,8 +20,9 @@ compare their logits with eager Paddle's on one standard-normal batch: the table
 logit, rel diff), marked ! above 1e-4. onnxruntime and openvino run the .onnx that tools/export.py writes
 (export_onnx, paddle2onnx) the way tools/predict.py runs it (tools.export's onnxruntime_runner and openvino_runner:
 this process's cores as threads, onnxruntime at graph optimisation level ALL, OpenVINO in fp32 latency mode,
-compiled for the batch's shape); openvino-paddle asks OpenVINO to read the Paddle model itself. They need
-optional packages (pip install -r requirements-deploy.txt) and are skipped, with the reason, where those are
+compiled for the batch's shape; openvino-bf16 in bfloat16, as tools/predict.py --precision bf16 runs it, on CPUs
+that have it: expect its max|diff| to be marked); openvino-paddle asks OpenVINO to read the Paddle model itself.
+They need optional packages (pip install -r requirements-deploy.txt) and are skipped, with the reason, where those are
 missing or cannot read the model.
 
 timm runs in the interpreter given by --timm-python (torch and timm installed there; never needed by this
@@ -53,7 +54,8 @@ from pathlib import Path
 from typing import List
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = ['eager', 'static', 'inference', 'inference-mkldnn', 'onnxruntime', 'openvino', 'openvino-paddle', 'train',
+ENGINES = ['eager', 'static', 'inference', 'inference-mkldnn', 'onnxruntime', 'openvino', 'openvino-bf16',
+           'openvino-paddle', 'train',
            'train-bf16']
 DEFAULT_ENGINES = ['eager', 'static', 'inference', 'inference-mkldnn', 'onnxruntime', 'openvino']
 TIMM_ENGINES = ['eager', 'channels_last', 'compile']
@@ -62,6 +64,7 @@ TIMM_ENGINES = ['eager', 'channels_last', 'compile']
 # ================================================================================================ workers
 PARITY_TOLERANCE = 1e-4  # a row whose logits differ from its reference by more (absolute or relative) is marked
 OPTIONAL = {'onnxruntime': ('onnxruntime', 'paddle2onnx'), 'openvino': ('openvino', 'paddle2onnx'),
+            'openvino-bf16': ('openvino', 'paddle2onnx'),
             'openvino-paddle': ('openvino',)}  # engine -> the packages it needs beside Paddle
 GEMM_N = 2048
 
@@ -153,11 +156,18 @@ def _paddle_worker(spec):
                 ex.export(model, prefix, input_shape)
                 run, _ = ex.create_runner(prefix, 'paddle', threads, mkldnn=engine == 'inference-mkldnn')
                 info['runtime'] += ' inference' + (' + oneDNN' if engine == 'inference-mkldnn' else '')
-            elif engine in ('onnxruntime', 'openvino'):
+            elif engine == 'onnxruntime':
                 ex.export_onnx(model, prefix, input_shape)
-                runner = ex.onnxruntime_runner if engine == 'onnxruntime' else ex.openvino_runner
-                run, info['runtime'] = runner(prefix + '.onnx', threads)
-                info['converted_by'] = 'tools.export.export_onnx'
+                run, info['runtime'] = ex.onnxruntime_runner(prefix + '.onnx', threads)
+            elif engine in ('openvino', 'openvino-bf16'):  # bf16: tools/predict.py --precision bf16
+                ex.export_onnx(model, prefix, input_shape)
+                hint = {'INFERENCE_PRECISION_HINT': 'bf16'} if engine == 'openvino-bf16' else {}
+                try:
+                    run, info['runtime'] = ex.openvino_runner(prefix + '.onnx', threads, hint)
+                except ex.MissingPackage:
+                    raise
+                except ex.ExportError as e:  # bf16 on a CPU without it
+                    raise SkipEngine(str(e)) from None
             elif engine == 'openvino-paddle':  # the Paddle model itself, no ONNX in between
                 ex.export(model, prefix, input_shape)
                 try:
@@ -436,7 +446,7 @@ def summarize(w, quiet: float) -> dict:
            'median_s': median, 'p50_s': pct(50), 'p90_s': pct(90), 'max_s': t[-1],
            'images_per_sec': w.spec['batch'] / median, 'quiet_iterations': len(q), 'iterations': len(t),
            'peak_gb': w.peak_gb, 'model_gb': w.delta_gb, 'runtime': w.info.get('runtime')}
-    for key in ('parity_ref', 'max_abs_diff', 'rel_diff', 'max_abs_logit', 'parity_ok', 'converted_by'):
+    for key in ('parity_ref', 'max_abs_diff', 'rel_diff', 'max_abs_logit', 'parity_ok'):
         row[key] = w.info.get(key)
     return row
 

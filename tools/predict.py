@@ -17,7 +17,8 @@ Two ways to run a model:
   class names and whether the model outputs logits or probabilities. No config needed. --engine picks the runtime:
   auto (default) is OpenVINO on PREFIX.onnx when both are there (the fastest CPU path we measured; export.py
   writes PREFIX.onnx and checks it when requirements-deploy.txt is installed), else Paddle Inference on
-  PREFIX.json with oneDNN (unless --no-mkldnn); openvino, onnxruntime and paddle ask for one.
+  PREFIX.json with oneDNN (unless --no-mkldnn); openvino, onnxruntime and paddle ask for one. --precision bf16
+  computes in bfloat16 through OpenVINO on CPUs that have it (AVX512-BF16, AMX): faster, less exact.
 
 Class names come from --labels (one name per line), else from the training checkpoint or the export's yaml,
 else they are the class indices. An unreadable image is reported on stderr (path and reason) and skipped.
@@ -118,7 +119,8 @@ def _build_runner(args):
             raise ExportError(f'{args.model} was exported for {height}x{width} inputs, but its preprocessing makes '
                               f'{cfg["Data"]["img_size"]}x{cfg["Data"]["img_size"]} images: re-export it with '
                               f'--size S S (a square)')
-        forward, runtime = create_runner(args.model, args.engine, threads=args.threads, mkldnn=not args.no_mkldnn)
+        forward, runtime = create_runner(args.model, args.engine, threads=args.threads, mkldnn=not args.no_mkldnn,
+                                         precision=args.precision)
         probabilities = meta['output'] == 'probabilities'
 
         def run(batch):
@@ -160,12 +162,16 @@ def main(argv=None) -> List[Dict]:
                         help='with --model: the runtime (default auto: OpenVINO on PREFIX.onnx when both are there, '
                              'else Paddle Inference)')
     parser.add_argument('--no-mkldnn', action='store_true', help='with --model --engine paddle: run without oneDNN')
+    parser.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32',
+                        help='with --model: bf16 computes in bfloat16 through OpenVINO, on CPUs that have it '
+                             '(AVX512-BF16, AMX): faster, logits about 1e-2 off (docs/performance.md)')
     parser.add_argument('--threads', type=int, default=None, help='with --model: CPU threads (default: all cores)')
     args = parser.parse_args(argv)
     if bool(args.config) == bool(args.model):
         parser.error('give either -c CONFIG (with -o Global.pretrained_model=...) or --model PREFIX')
-    if args.engine != 'auto' and not args.model:
-        parser.error('--engine runs an exported model: give --model PREFIX (with -c the dynamic-graph model runs)')
+    if (args.engine != 'auto' or args.precision != 'fp32') and not args.model:
+        parser.error('--engine and --precision run an exported model: give --model PREFIX (with -c the '
+                     'dynamic-graph model runs)')
     if args.no_mkldnn and args.engine in ('openvino', 'onnxruntime'):
         parser.error(f'--no-mkldnn is a Paddle Inference setting; --engine {args.engine} does not use oneDNN')
     if args.no_mkldnn:
