@@ -159,10 +159,8 @@ def test_export_needs_weights(tmp_path):
 
 
 def test_onnx_without_paddle2onnx_says_how_to_install(run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, 'paddle2onnx', None)  # makes `import paddle2onnx` fail, installed or not
-    find_spec = importlib.util.find_spec  # and export.py's check for it say so
-    monkeypatch.setattr(importlib.util, 'find_spec',
-                        lambda name, *a: None if name == 'paddle2onnx' else find_spec(name, *a))
+    # makes `import paddle2onnx` fail and importlib.util.find_spec('paddle2onnx') None, installed or not
+    monkeypatch.setitem(sys.modules, 'paddle2onnx', None)
     # importing the tool does not need paddle2onnx
     fresh = importlib.util.spec_from_file_location('export_fresh', ROOT / 'tools' / 'export.py')
     fresh.loader.exec_module(importlib.util.module_from_spec(fresh))
@@ -264,10 +262,16 @@ def test_predict_runs_the_onnx_through_openvino_by_default(run, tmp_path, capsys
     so OpenVINO compiles for two shapes). A wrong PREFIX.onnx is deleted by the check."""
     prefix = str(tmp_path / 'maxvit')
     result = export.main(config_args(f'Global.pretrained_model={run["ckpt"]}') + ['--output', prefix])
-    assert result['onnx'] == prefix + '.onnx' and max(result['onnx_diffs'].values()) < 1e-5
-    # OpenVINO 2026.4's attention kernels are 2e-5 off for this model: the export records it runs without them
-    assert result['meta']['openvino_config'] in ({}, export.OPENVINO_WITHOUT_SNIPPETS)
-    assert export.load_meta(prefix)['openvino_config'] == result['meta']['openvino_config']
+    assert result['onnx'] == prefix + '.onnx' and max(result['onnx_diffs'].values()) < 1e-4
+    # OpenVINO 2026.4's attention kernels are 2e-5 off for this model (2x2 windows): the export records that it runs
+    # without them (a later OpenVINO may fix them)
+    import openvino
+    recorded = export.load_meta(prefix)['openvino_config']
+    assert recorded == result['meta']['openvino_config']
+    if openvino.__version__.startswith('2026.4'):
+        assert recorded == export.OPENVINO_WITHOUT_SNIPPETS
+    else:
+        assert recorded in ({}, export.OPENVINO_WITHOUT_SNIPPETS)
     paths = run['images'][:21]
     for engine, says in [('auto', 'OpenVINO 2026'), ('openvino', 'OpenVINO'), ('onnxruntime', 'onnxruntime'),
                          ('paddle', 'Paddle Inference, oneDNN')]:
@@ -305,6 +309,14 @@ def test_predict_runs_the_onnx_through_openvino_by_default(run, tmp_path, capsys
     assert not Path(prefix + '.onnx').exists() and Path(prefix + '.json').is_file()
     assert export.create_runner(prefix)[1].startswith('Paddle Inference')
 
+    # a re-export without ONNX removes an earlier export's file, which would no longer match
+    Path(prefix + '.onnx').write_bytes(b'an earlier export')
+    export.main(config_args(f'Global.pretrained_model={run["ckpt"]}') + ['--output', prefix, '--no-onnx'])
+    assert not Path(prefix + '.onnx').exists()
+    # a PREFIX.onnx the export did not check in OpenVINO (no openvino_config in PREFIX.yaml) is not used by auto
+    Path(prefix + '.onnx').write_bytes(b'copied in by hand')
+    assert 're-export with OpenVINO installed' in export.create_runner(prefix)[1]
+
 
 def test_predict_engine_needs_its_files(run, exported, capsys):
     prefix = exported(32)                                                  # written with --no-onnx
@@ -316,7 +328,7 @@ def test_predict_engine_needs_its_files(run, exported, capsys):
     with pytest.raises(SystemExit):
         predict.main(config_args(f'Global.pretrained_model={run["ckpt"]}') + [
             '--images', run['images'][0], '--engine', 'paddle'])
-    assert '--engine and --precision run an exported model' in capsys.readouterr().err
+    assert '--engine, --precision and --no-mkldnn run an exported model' in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ predict

@@ -157,9 +157,14 @@ def export_onnx(model, prefix: str, input_shape: List[int], softmax: bool = Fals
         src = saved if saved and not swapped else str(Path(tmp) / 'model')
         if src != saved:
             export(model, src, input_shape, softmax)
-        with native_output_filtered(NATIVE_NOISE + PADDLE2ONNX_PROGRESS):
-            paddle2onnx.export(src + '.json', src + '.pdiparams', save_file=onnx_file, opset_version=ONNX_OPSET,
-                               enable_onnx_checker=True)
+        try:
+            with native_output_filtered(NATIVE_NOISE + PADDLE2ONNX_PROGRESS):
+                paddle2onnx.export(src + '.json', src + '.pdiparams', save_file=onnx_file,
+                                   opset_version=ONNX_OPSET, enable_onnx_checker=True)
+        except Exception as e:  # paddle2onnx raises whatever its parts raise
+            Path(onnx_file).unlink(missing_ok=True)
+            raise ExportError(f'paddle2onnx {paddle2onnx.__version__} could not convert the model: '
+                              f'{type(e).__name__}: {e}') from None
     if not Path(onnx_file).is_file():
         raise ExportError(f'paddle2onnx {paddle2onnx.__version__} did not write {onnx_file}')
     return onnx_file
@@ -239,8 +244,12 @@ def openvino_runner(model_files: Union[str, Tuple[str, ...]], threads: Optional[
     (about 1 s for MaxViT-T): static shapes ran 10-25% faster than one compile with a dynamic batch size
     (MaxViT-T, batch 1 and 8)."""
     ov = import_optional('openvino', 'the OpenVINO engine')
+    version = ov.__version__.split('-')[0]
     core = ov.Core()
-    source = core.read_model(*model_files) if isinstance(model_files, tuple) else core.read_model(model_files)
+    try:
+        source = core.read_model(*model_files) if isinstance(model_files, tuple) else core.read_model(model_files)
+    except RuntimeError as e:
+        raise ExportError(f'OpenVINO {version} cannot read {model_files}: {str(e).strip().splitlines()[-1]}') from None
     config = dict(OPENVINO_CPU, INFERENCE_NUM_THREADS=threads or cpu_cores(), **(config or {}))
     if config['INFERENCE_PRECISION_HINT'] == 'bf16' and 'BF16' not in core.get_property('CPU',
                                                                                          'OPTIMIZATION_CAPABILITIES'):
@@ -252,10 +261,14 @@ def openvino_runner(model_files: Union[str, Tuple[str, ...]], threads: Optional[
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.shape not in requests:
             model = source.clone()
-            model.reshape({model.inputs[0].get_any_name(): list(batch.shape)})
-            requests[batch.shape] = core.compile_model(model, 'CPU', config).create_infer_request()
+            try:
+                model.reshape({model.inputs[0].get_any_name(): list(batch.shape)})
+                requests[batch.shape] = core.compile_model(model, 'CPU', config).create_infer_request()
+            except RuntimeError as e:
+                raise ExportError(f'OpenVINO {version} cannot compile {model_files} for input '
+                                  f'{list(batch.shape)}: {str(e).strip().splitlines()[-1]}') from None
         return requests[batch.shape].infer([batch])[0].copy()  # the request reuses its output buffer
-    return run, f"OpenVINO {ov.__version__.split('-')[0]}"
+    return run, f'OpenVINO {version}'
 
 
 def onnxruntime_runner(onnx_file: str, threads: Optional[int] = None
@@ -267,7 +280,10 @@ def onnxruntime_runner(onnx_file: str, threads: Optional[int] = None
     options.intra_op_num_threads, options.inter_op_num_threads = threads or cpu_cores(), 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(onnx_file, options, providers=['CPUExecutionProvider'])
+    try:
+        session = ort.InferenceSession(onnx_file, options, providers=['CPUExecutionProvider'])
+    except Exception as e:  # onnxruntime's own exception types
+        raise ExportError(f'onnxruntime {ort.__version__} cannot load {onnx_file}: {e}') from None
     name = session.get_inputs()[0].name
     return (lambda batch: session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0],
             f'onnxruntime {ort.__version__}')
@@ -292,11 +308,15 @@ def create_runner(prefix: str, engine: str = 'auto', threads: Optional[int] = No
     if precision == 'bf16' and engine != 'openvino':
         raise ExportError(f'bf16 runs through OpenVINO only, not the {engine} engine')
     note = ''
+    meta = load_meta(prefix) if Path(prefix + '.yaml').is_file() else {}
     if engine == 'auto':
         has_openvino = importlib.util.find_spec('openvino') is not None
-        engine = 'openvino' if has_openvino and Path(onnx_file).is_file() else 'paddle'
-        if Path(onnx_file).is_file() and not has_openvino:
-            note = f'; {onnx_file} runs faster through OpenVINO: pip install -r requirements-deploy.txt'
+        checked = 'openvino_config' in meta  # the export compared PREFIX.onnx with the Paddle model in OpenVINO
+        engine = 'openvino' if has_openvino and checked and Path(onnx_file).is_file() else 'paddle'
+        if Path(onnx_file).is_file() and engine == 'paddle':
+            note = (f'; {onnx_file} runs faster through OpenVINO: ' + (
+                'pip install -r requirements-deploy.txt' if not has_openvino else
+                're-export with OpenVINO installed, so that the export checks it there'))
     if engine == 'paddle':
         predictor = create_predictor(prefix, mkldnn, threads)
         return (lambda batch: run_predictor(predictor, batch),
@@ -305,7 +325,8 @@ def create_runner(prefix: str, engine: str = 'auto', threads: Optional[int] = No
         raise ExportError(f'the {engine} engine runs {onnx_file}, which is not there: write it with tools/export.py '
                           f'(pip install -r requirements-deploy.txt first), or use --engine paddle')
     if engine == 'openvino':
-        config = (load_meta(prefix).get('openvino_config') if Path(prefix + '.yaml').is_file() else None) or {}
+        # the settings the export's check passed with; without a check, the exact ones (see OPENVINO_WITHOUT_SNIPPETS)
+        config = meta.get('openvino_config', OPENVINO_WITHOUT_SNIPPETS)
         hint = {'fp32': 'f32', 'bf16': 'bf16'}[precision]  # OpenVINO's names
         run, version = openvino_runner(onnx_file, threads, dict(config, INFERENCE_PRECISION_HINT=hint))
         version += ' without its attention kernels' if config == OPENVINO_WITHOUT_SNIPPETS else (
@@ -342,17 +363,22 @@ def check_onnx(prefix: str, tolerance: float = 1e-5) -> Dict[str, float]:
 
     diffs = {}
     for engine in engines:
-        if engine == 'onnxruntime':
-            run, version = onnxruntime_runner(prefix + '.onnx')
-            diffs[engine] = largest_diff(run)
-        else:
-            for config in ({}, OPENVINO_WITHOUT_SNIPPETS):
-                run, version = openvino_runner(prefix + '.onnx', config=config)
+        try:
+            if engine == 'onnxruntime':
+                run, version = onnxruntime_runner(prefix + '.onnx')
                 diffs[engine] = largest_diff(run)
-                if diffs[engine] <= tolerance * scale:
-                    meta['openvino_config'] = config
-                    Path(prefix + '.yaml').write_text(dump_meta(meta), encoding='utf-8')
-                    break
+            else:
+                for config in ({}, OPENVINO_WITHOUT_SNIPPETS):
+                    run, version = openvino_runner(prefix + '.onnx', config=config)
+                    diffs[engine] = largest_diff(run)
+                    if diffs[engine] <= tolerance * scale:
+                        meta['openvino_config'] = config
+                        Path(prefix + '.yaml').write_text(dump_meta(meta), encoding='utf-8')
+                        break
+        except ExportError as e:
+            Path(prefix + '.onnx').unlink()
+            raise ExportError(f'{e}; {prefix}.onnx was deleted, the Paddle Inference model {prefix}.json is fine') \
+                from None
         if not diffs[engine] <= tolerance * scale:
             Path(prefix + '.onnx').unlink()
             raise ExportError(f'{prefix}.onnx differed from the Paddle model by up to {diffs[engine]:.3g} in '
@@ -377,6 +403,7 @@ def main(argv=None) -> Dict:
                         help='also write PREFIX.onnx, which predict.py runs through OpenVINO (default: when '
                              'paddle2onnx is installed; --onnx: fail without it; --no-onnx: never)')
     args = parser.parse_args(argv)
+    asked_for_onnx = bool(args.onnx)
     if args.onnx is None:
         args.onnx = importlib.util.find_spec('paddle2onnx') is not None
         if not args.onnx:
@@ -397,6 +424,7 @@ def main(argv=None) -> Dict:
     paddle.set_device('cpu')
     model = build_model(cfg)
     _, _, what = load_pretrained(model, g['pretrained_model'], ema=weights == 'ema')
+    Path(prefix + '.onnx').unlink(missing_ok=True)  # an earlier export's: predict.py must never run it with this one
     height, width = args.size or (d['img_size'], d['img_size'])
     channels = cfg['Model']['input_dim']
     files = export(model, prefix, [channels, height, width], softmax=args.softmax)
@@ -419,10 +447,19 @@ def main(argv=None) -> Dict:
 
     onnx_file, onnx_diffs = None, {}
     if args.onnx:
-        onnx_file = export_onnx(model, prefix, [channels, height, width], softmax=args.softmax, saved=prefix)
-        onnx_diffs = check_onnx(prefix)
-        files.append(onnx_file)
-        meta = load_meta(prefix)  # with the OpenVINO settings that passed
+        try:
+            onnx_file = export_onnx(model, prefix, [channels, height, width], softmax=args.softmax, saved=prefix)
+            onnx_diffs = check_onnx(prefix)
+        except ExportError as e:
+            if asked_for_onnx:
+                raise
+            Path(prefix + '.onnx').unlink(missing_ok=True)
+            onnx_file = None
+            print(f'note: no {prefix}.onnx ({e}); tools/predict.py will use the Paddle model', file=sys.stderr,
+                  flush=True)
+        else:
+            files.append(onnx_file)
+            meta = load_meta(prefix)  # with the OpenVINO settings that passed
     print(f'exported {what} -> {", ".join(files)} (input {meta["input"]["shape"]}, output {meta["output"]}, '
           f'{"class names from the checkpoint" if meta["class_names"] else "no class names"})', flush=True)
     return {'prefix': prefix, 'files': files, 'meta': meta, 'onnx': onnx_file, 'onnx_diffs': onnx_diffs}

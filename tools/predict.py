@@ -161,7 +161,8 @@ def main(argv=None) -> List[Dict]:
     parser.add_argument('--engine', choices=ENGINES, default='auto',
                         help='with --model: the runtime (default auto: OpenVINO on PREFIX.onnx when both are there, '
                              'else Paddle Inference)')
-    parser.add_argument('--no-mkldnn', action='store_true', help='with --model --engine paddle: run without oneDNN')
+    parser.add_argument('--no-mkldnn', action='store_true',
+                        help='with --model: Paddle Inference without oneDNN (implies --engine paddle)')
     parser.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32',
                         help='with --model: bf16 computes in bfloat16 through OpenVINO, on CPUs that have it '
                              '(AVX512-BF16, AMX): faster, logits about 1e-2 off (docs/performance.md)')
@@ -169,11 +170,11 @@ def main(argv=None) -> List[Dict]:
     args = parser.parse_args(argv)
     if bool(args.config) == bool(args.model):
         parser.error('give either -c CONFIG (with -o Global.pretrained_model=...) or --model PREFIX')
-    if (args.engine != 'auto' or args.precision != 'fp32') and not args.model:
-        parser.error('--engine and --precision run an exported model: give --model PREFIX (with -c the '
+    if (args.engine != 'auto' or args.precision != 'fp32' or args.no_mkldnn) and not args.model:
+        parser.error('--engine, --precision and --no-mkldnn run an exported model: give --model PREFIX (with -c the '
                      'dynamic-graph model runs)')
-    if args.no_mkldnn and args.engine in ('openvino', 'onnxruntime'):
-        parser.error(f'--no-mkldnn is a Paddle Inference setting; --engine {args.engine} does not use oneDNN')
+    if args.no_mkldnn and (args.engine in ('openvino', 'onnxruntime') or args.precision == 'bf16'):
+        parser.error('--no-mkldnn is a Paddle Inference setting; OpenVINO and onnxruntime do not use oneDNN')
     if args.no_mkldnn:
         args.engine = 'paddle'
     if args.model and args.override:
