@@ -256,6 +256,18 @@ def test_onnx_export_matches_the_paddle_model(tmp_path, layout, size):
 
 
 @needs_onnx
+def test_onnx_by_default_that_fails_is_a_note(run, tmp_path, monkeypatch, capsys):
+    """Where paddle2onnx is installed the .onnx is written unasked, so a conversion that fails leaves the Paddle model
+    and a note (with --onnx it is an error, as test_onnx_without_paddle2onnx_says_how_to_install shows)."""
+    def fail(*args, **kwargs):
+        raise export.ExportError('paddle2onnx could not convert the model: a test')
+    monkeypatch.setattr(export, 'export_onnx', fail)
+    result = export.main(config_args(f'Global.pretrained_model={run["ckpt"]}') + ['--output', str(tmp_path / 'm')])
+    assert result['onnx'] is None and (tmp_path / 'm.json').is_file() and not (tmp_path / 'm.onnx').exists()
+    assert 'note: no ' in capsys.readouterr().err
+
+
+@needs_onnx
 def test_predict_runs_the_onnx_through_openvino_by_default(run, tmp_path, capsys):
     """export.py writes PREFIX.onnx by default where paddle2onnx is installed; predict.py --model then uses OpenVINO,
     and every engine gives the dynamic model's probabilities (padded 32x32 model; batches of 16 and a remainder,
