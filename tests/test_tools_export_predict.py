@@ -221,12 +221,12 @@ def test_tanh_gelu_written_out_equals_paddles_and_is_put_back():
 
 
 @needs_onnx
-@pytest.mark.parametrize('layout, size', [('article', (64, 64)), ('official', (40, 56))],
-                         ids=['article-64x64', 'official-40x56-padded'])
+@pytest.mark.parametrize('layout, size', [('official', (40, 56))], ids=['official-40x56-padded'])
 def test_onnx_export_matches_the_paddle_model(tmp_path, layout, size):
-    """tools/export.py --onnx: onnxruntime and OpenVINO give the dynamic graph's logits within 1e-4 for both layouts,
-    one at a size the window grid divides (stage maps 16, 8, 4, 2), the other (the official layout, which converted
-    weights use, e.g. at 384) at one it does not (10x14, 5x7, 3x4, 2x2: padded, masked)."""
+    """tools/export.py --onnx: onnxruntime and OpenVINO give the dynamic graph's logits within 1e-4 for the official
+    layout (which converted weights use, e.g. at 384) with random weights whose activations are O(1), at a size the
+    window grid does not divide (stage maps 10x14, 5x7, 3x4, 2x2: padded, masked). The article layout (exact GELU)
+    is checked on a trained model in test_predict_runs_the_onnx_through_openvino_by_default."""
     import onnx
     import onnxruntime
     overrides = OVERRIDES + LAYOUTS[layout]
@@ -262,6 +262,7 @@ def test_onnx_by_default_that_fails_is_a_note(run, tmp_path, monkeypatch, capsys
     def fail(*args, **kwargs):
         raise export.ExportError('paddle2onnx could not convert the model: a test')
     monkeypatch.setattr(export, 'export_onnx', fail)
+    (tmp_path / 'm.onnx').write_bytes(b'an earlier export')  # removed: it would no longer match the new export
     result = export.main(config_args(f'Global.pretrained_model={run["ckpt"]}') + ['--output', str(tmp_path / 'm')])
     assert result['onnx'] is None and (tmp_path / 'm.json').is_file() and not (tmp_path / 'm.onnx').exists()
     assert 'note: no ' in capsys.readouterr().err
@@ -275,6 +276,8 @@ def test_predict_runs_the_onnx_through_openvino_by_default(run, tmp_path, capsys
     prefix = str(tmp_path / 'maxvit')
     result = export.main(config_args(f'Global.pretrained_model={run["ckpt"]}') + ['--output', prefix])
     assert result['onnx'] == prefix + '.onnx' and max(result['onnx_diffs'].values()) < 1e-4
+    import onnx
+    assert 'Erf' in {node.op_type for node in onnx.load(prefix + '.onnx').graph.node}  # the article's exact GELU
     # OpenVINO 2026.4's attention kernels are 2e-5 off for this model (2x2 windows): the export records that it runs
     # without them (a later OpenVINO may fix them)
     import openvino
@@ -285,8 +288,7 @@ def test_predict_runs_the_onnx_through_openvino_by_default(run, tmp_path, capsys
     else:
         assert recorded in ({}, export.OPENVINO_WITHOUT_SNIPPETS)
     paths = run['images'][:21]
-    for engine, says in [('auto', 'OpenVINO 2026'), ('openvino', 'OpenVINO'), ('onnxruntime', 'onnxruntime'),
-                         ('paddle', 'Paddle Inference, oneDNN')]:
+    for engine, says in [('auto', 'OpenVINO 2026'), ('onnxruntime', 'onnxruntime')]:  # paddle: tests above
         results = predict.main(['--model', prefix, '--images', *paths, '--engine', engine])
         check_against_reference(results, run, paths)
         assert f'21 images classified with {prefix} ({says}' in capsys.readouterr().err, engine
@@ -310,21 +312,16 @@ def test_predict_runs_the_onnx_through_openvino_by_default(run, tmp_path, capsys
 
     # an ONNX file that does not hold the exported model (here: one weight tensor 1% off) is deleted by the check,
     # and predict.py falls back to the Paddle model
-    import onnx
     from onnx import numpy_helper
     graph = onnx.load(prefix + '.onnx')
     weight = next(t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4)
     weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
     onnx.save(graph, prefix + '.onnx')
-    with pytest.raises(export.ExportError, match='so it was deleted'):
+    with pytest.raises(export.ExportError, match=r'differed from the Paddle model .* so .*maxvit\.onnx was deleted'):
         export.check_onnx(prefix)
     assert not Path(prefix + '.onnx').exists() and Path(prefix + '.json').is_file()
     assert export.create_runner(prefix)[1].startswith('Paddle Inference')
 
-    # a re-export without ONNX removes an earlier export's file, which would no longer match
-    Path(prefix + '.onnx').write_bytes(b'an earlier export')
-    export.main(config_args(f'Global.pretrained_model={run["ckpt"]}') + ['--output', prefix, '--no-onnx'])
-    assert not Path(prefix + '.onnx').exists()
     # a PREFIX.onnx the export did not check in OpenVINO (no openvino_config in PREFIX.yaml) is not used by auto
     Path(prefix + '.onnx').write_bytes(b'copied in by hand')
     assert 're-export with OpenVINO installed' in export.create_runner(prefix)[1]

@@ -361,6 +361,14 @@ def check_onnx(prefix: str, tolerance: float = 1e-5) -> Dict[str, float]:
             return float('inf')
         return max(float(np.abs(out.astype(np.float64) - ref).max()) for out, ref in zip(outs, refs))
 
+    def reject(why: str):  # no PREFIX.onnx, and no record that one passed in OpenVINO
+        Path(prefix + '.onnx').unlink()
+        meta.pop('openvino_config', None)
+        Path(prefix + '.yaml').write_text(dump_meta(meta), encoding='utf-8')
+        raise ExportError(f'{why}, so {prefix}.onnx was deleted; the Paddle Inference model {prefix}.json is fine '
+                          f'(tools/predict.py uses it)')
+
+    meta.pop('openvino_config', None)  # set below when PREFIX.onnx passes in OpenVINO
     diffs = {}
     for engine in engines:
         try:
@@ -376,14 +384,10 @@ def check_onnx(prefix: str, tolerance: float = 1e-5) -> Dict[str, float]:
                         Path(prefix + '.yaml').write_text(dump_meta(meta), encoding='utf-8')
                         break
         except ExportError as e:
-            Path(prefix + '.onnx').unlink()
-            raise ExportError(f'{e}; {prefix}.onnx was deleted, the Paddle Inference model {prefix}.json is fine') \
-                from None
+            reject(str(e))
         if not diffs[engine] <= tolerance * scale:
-            Path(prefix + '.onnx').unlink()
-            raise ExportError(f'{prefix}.onnx differed from the Paddle model by up to {diffs[engine]:.3g} in '
-                              f'{version} (outputs up to {scale:.3g}, random batches of 1 and 3), so it was '
-                              f'deleted; the Paddle Inference model {prefix}.json is fine (tools/predict.py uses it)')
+            reject(f'{prefix}.onnx differed from the Paddle model by up to {diffs[engine]:.3g} in {version} (outputs '
+                   f'up to {scale:.3g}, random batches of 1 and 3)')
     print(f'{prefix}.onnx matches the Paddle model within {max(diffs.values()):.2e} ({", ".join(engines)}'
           f'{"; OpenVINO without its attention kernels" if meta.get("openvino_config") else ""}; random batches '
           f'of 1 and 3)', flush=True)
