@@ -170,9 +170,12 @@ def export_onnx(model, prefix: str, input_shape: List[int], softmax: bool = Fals
     return onnx_file
 
 
-def dump_meta(meta: Dict) -> str:
-    """PREFIX.yaml's text."""
-    return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=None)
+def write_meta(prefix: str, meta: Dict) -> str:
+    """Write PREFIX.yaml (what load_meta reads); returns its path."""
+    path = prefix + '.yaml'
+    Path(path).write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=None),
+                          encoding='utf-8')
+    return path
 
 
 def load_meta(prefix: str) -> Dict:
@@ -364,7 +367,7 @@ def check_onnx(prefix: str, tolerance: float = 1e-5) -> Dict[str, float]:
     def reject(why: str):  # no PREFIX.onnx, and no record that one passed in OpenVINO
         Path(prefix + '.onnx').unlink()
         meta.pop('openvino_config', None)
-        Path(prefix + '.yaml').write_text(dump_meta(meta), encoding='utf-8')
+        write_meta(prefix, meta)
         raise ExportError(f'{why}, so {prefix}.onnx was deleted; the Paddle Inference model {prefix}.json is fine '
                           f'(tools/predict.py uses it)')
 
@@ -381,13 +384,13 @@ def check_onnx(prefix: str, tolerance: float = 1e-5) -> Dict[str, float]:
                     diffs[engine] = largest_diff(run)
                     if diffs[engine] <= tolerance * scale:
                         meta['openvino_config'] = config
-                        Path(prefix + '.yaml').write_text(dump_meta(meta), encoding='utf-8')
                         break
         except ExportError as e:
             reject(str(e))
         if not diffs[engine] <= tolerance * scale:
             reject(f'{prefix}.onnx differed from the Paddle model by up to {diffs[engine]:.3g} in {version} (outputs '
                    f'up to {scale:.3g}, random batches of 1 and 3)')
+    write_meta(prefix, meta)  # with the OpenVINO settings that passed
     print(f'{prefix}.onnx matches the Paddle model within {max(diffs.values()):.2e} ({", ".join(engines)}'
           f'{"; OpenVINO without its attention kernels" if meta.get("openvino_config") else ""}; random batches '
           f'of 1 and 3)', flush=True)
@@ -446,8 +449,7 @@ def main(argv=None) -> Dict:
         'config': str(args.config),
         'paddle_version': paddle.__version__,
     }
-    Path(prefix + '.yaml').write_text(dump_meta(meta), encoding='utf-8')
-    files.append(prefix + '.yaml')
+    files.append(write_meta(prefix, meta))
 
     onnx_file, onnx_diffs = None, {}
     if args.onnx:
