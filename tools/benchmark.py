@@ -56,8 +56,7 @@ from typing import List
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ['eager', 'static', 'inference', 'inference-mkldnn', 'onnxruntime', 'openvino', 'openvino-bf16',
-           'openvino-paddle', 'train',
-           'train-bf16']
+           'openvino-paddle', 'train', 'train-static', 'train-bf16']
 DEFAULT_ENGINES = ['eager', 'static', 'inference', 'inference-mkldnn', 'onnxruntime', 'openvino']
 TIMM_ENGINES = ['eager', 'channels_last', 'compile']
 
@@ -114,10 +113,11 @@ def _paddle_worker(spec):
         y = paddle.randint(0, cfg['Model']['num_classes'], [spec['batch']])
         opt = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.parameters())
         bf16 = engine == 'train-bf16'
+        net = paddle.jit.to_static(model, full_graph=True) if engine == 'train-static' else model  # as train.py
 
         def step():
             with paddle.amp.auto_cast(enable=bf16, dtype='bfloat16'):
-                logits = model(x)
+                logits = net(x)
             loss = F.cross_entropy(logits.astype('float32'), y)
             loss.backward()
             opt.step()
