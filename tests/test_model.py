@@ -251,6 +251,31 @@ def test_mlp_training_backward_recomputes_the_activation_and_matches_plain_autog
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_linear_training_backward_matches_plain_autograd(monkeypatch):
+    """Linear's eager training backward (_LinearFn: bias gradient as a GEMM) against F.linear's own autograd,
+    with an input and a weight that need no gradient getting none."""
+    calls = []
+    apply = maxvit._LinearFn.apply
+    monkeypatch.setattr(maxvit._LinearFn, 'apply', lambda *a: calls.append(1) or apply(*a))
+    layer = maxvit.Linear(8, 6)
+    x, g = paddle.randn([2, 5, 8]), paddle.randn([2, 5, 6])
+    for x_needs, weight_needs in [(True, True), (False, True), (True, False)]:
+        x.stop_gradient, layer.weight.stop_gradient = not x_needs, not weight_needs
+        grads = []
+        for out in (layer(x), F.linear(x, layer.weight, layer.bias)):
+            (out * g).sum().backward()
+            grads.append([out.numpy()] + [None if t.grad is None else t.grad.numpy().copy()
+                                          for t in (x, layer.weight, layer.bias)])
+            x.clear_gradient(False)                    # to None, not zeros
+            layer.clear_gradients(set_to_zero=False)
+        for fast, plain in zip(*grads):
+            assert (fast is None) == (plain is None)
+            if fast is not None:
+                np.testing.assert_allclose(fast, plain, rtol=1e-6, atol=1e-6)
+        assert (grads[0][1] is None) == (not x_needs) and (grads[0][2] is None) == (not weight_needs)
+    assert len(calls) == 3
+
+
 def test_reset_classifier_for_fine_tuning():
     model = MaxViT(dict(tiny_args, stage_num_block=[1, 1, 1, 1], stem_dim=8, stage_dim=16, num_heads=1))
     model.reset_classifier(37)

@@ -14,7 +14,7 @@ SMALL = dict(tiny_args, stage_num_block=[1, 1, 1, 1], stem_dim=8, stage_dim=16, 
 
 
 def test_static_forward_and_backward_equal_eager():
-    # the memory-saving PyLayers (DropPath's _ScaleSamples, Mlp's _ActLinear) take their plain form in the
+    # the memory-saving PyLayers (DropPath's _ScaleSamples, Mlp's _LinearFn) take their plain form in the
     # static program; DropPath draws the same masks from the same seed
     paddle.seed(0)
     eager = MaxViT(SMALL)
