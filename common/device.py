@@ -94,7 +94,7 @@ def use_cpu_cores() -> int:
 
 
 def tune_cpu_eager() -> None:
-    """Two process-wide settings that make eager Paddle on CPU 1.5-1.6x faster on MaxViT-T (inference and training
+    """Two process-wide settings that make eager Paddle on CPU about 1.5x faster on MaxViT-T (inference and training
     steps at batch 8; docs/performance.md), for everything in this process; settings the user made in the
     environment win.
 

@@ -1,9 +1,10 @@
 """Benchmark MaxViT side by side: throughput, latency percentiles and peak memory, for inference (eager,
 to_static, Paddle Inference with and without oneDNN, the exported model in onnxruntime and OpenVINO) and training
-steps (fp32, bf16), optionally against timm (eager, channels_last, torch.compile).
+steps (fp32; train-static: through paddle.jit.to_static, as train.py's Global.to_static; bf16), optionally
+against timm (eager, channels_last, torch.compile).
 
     python tools/benchmark.py -c configs/maxvit_t_tf_224.yaml --batch 1 8
-    python tools/benchmark.py -c configs/maxvit_t_tf_224.yaml --batch 8 --engines train train-bf16
+    python tools/benchmark.py -c configs/maxvit_t_tf_224.yaml --batch 8 --engines train train-static train-bf16
     python tools/benchmark.py -c configs/maxvit_t_tf_224.yaml --batch 1 8 --timm-python .venv-torch/bin/python \
         --engines eager inference-mkldnn onnxruntime openvino --rounds 7 --gflops auto
     python tools/benchmark.py -c configs/maxvit_t_tf_224.yaml --sweep 224 288 384 448    # vs global attention
