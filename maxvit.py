@@ -183,10 +183,14 @@ def _act(name: str) -> nn.Layer:
     return nn.GELU(approximate=(name == 'gelu_tanh'))
 
 
+@paddle.jit.not_to_static
 def _cpu_bias_path(layer: nn.Layer) -> bool:
     """Whether ``layer`` (Conv2D, Linear below) adds its bias the faster CPU way: on the CPU, in eager mode or
     in training. Exported graphs (static, eval mode) keep conv + bias and matmul + bias, the patterns that Paddle
-    Inference's oneDNN passes and the ONNX runtimes fuse; GPUs keep Paddle's own kernels."""
+    Inference's oneDNN passes and the ONNX runtimes fuse; GPUs keep Paddle's own kernels.
+
+    This function and the forwards of Conv2D and Linear are plain Python (not_to_static): paddle.jit.to_static
+    would otherwise rewrite them on every trace, which made tracing a small model 40-70% slower."""
     return layer.bias is not None and paddle.get_device() == 'cpu' and (paddle.in_dynamic_mode() or layer.training)
 
 
@@ -195,6 +199,7 @@ class Conv2D(nn.Conv2D):
     output: Paddle's CPU add broadcasts a (1, C, 1, 1) bias over a 4-D map 18x slower than the same sum in 3-D
     (43 vs 2.3 ms on a (8, 64, 112, 112) map; the bias adds were 8% of an eager MaxViT-T forward)."""
 
+    @paddle.jit.not_to_static
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         if not _cpu_bias_path(self):
             return super().forward(x)
@@ -203,6 +208,7 @@ class Conv2D(nn.Conv2D):
         return (out.flatten(2) + self.bias.unsqueeze(-1)).reshape(out.shape)
 
 
+@paddle.jit.not_to_static
 def _linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
     """F.linear, (..., in) -> (..., out), with the bias accumulated by the GEMM (paddle.addmm) on CPU: there
     10-30% faster than Paddle's matmul and broadcast add for MaxViT's (tokens, C) products, the same numbers."""
@@ -255,12 +261,16 @@ class _LinearFn(PyLayer):
 
 class Linear(nn.Linear):
     """nn.Linear (the same parameters and summary row) that, on CPU, adds its bias inside the GEMM and, in eager
-    training, runs _LinearFn's backward."""
+    training, runs _LinearFn's backward where the output has at least LINEAR_FN_MIN elements: its Python backward
+    costs about 60 us a call, what Paddle's column sum costs for about 33,000 elements (tiny layers keep autograd)."""
+    LINEAR_FN_MIN = 2 ** 16
 
+    @paddle.jit.not_to_static
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         if not _cpu_bias_path(self):
             return super().forward(x)
-        if paddle.in_dynamic_mode() and paddle.is_grad_enabled():
+        if paddle.in_dynamic_mode() and paddle.is_grad_enabled() \
+                and math.prod(x.shape[:-1]) * self.weight.shape[1] >= self.LINEAR_FN_MIN:
             return _LinearFn.apply(x, self.weight, self.bias)
         return _linear(x, self.weight, self.bias)
 

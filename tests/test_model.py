@@ -257,8 +257,8 @@ def test_linear_training_backward_matches_plain_autograd(monkeypatch):
     calls = []
     apply = maxvit._LinearFn.apply
     monkeypatch.setattr(maxvit._LinearFn, 'apply', lambda *a: calls.append(1) or apply(*a))
-    layer = maxvit.Linear(8, 6)
-    x, g = paddle.randn([2, 5, 8]), paddle.randn([2, 5, 6])
+    layer = maxvit.Linear(8, 256)
+    x, g = paddle.randn([4, 64, 8]), paddle.randn([4, 64, 256])    # 256 tokens x 256 outputs: LINEAR_FN_MIN
     for x_needs, weight_needs in [(True, True), (False, True), (True, False)]:
         x.stop_gradient, layer.weight.stop_gradient = not x_needs, not weight_needs
         grads = []
@@ -273,6 +273,8 @@ def test_linear_training_backward_matches_plain_autograd(monkeypatch):
             if fast is not None:
                 np.testing.assert_allclose(fast, plain, rtol=1e-6, atol=1e-6)
         assert (grads[0][1] is None) == (not x_needs) and (grads[0][2] is None) == (not weight_needs)
+    assert len(calls) == 3
+    layer(x[:1, :3]).sum().backward()               # 3 tokens x 256 outputs: below it, Paddle's own autograd
     assert len(calls) == 3
 
 
