@@ -183,15 +183,13 @@ def _act(name: str) -> nn.Layer:
     return nn.GELU(approximate=(name == 'gelu_tanh'))
 
 
-@paddle.jit.not_to_static
 def _cpu_bias_path(layer: nn.Layer) -> bool:
-    """Whether ``layer`` (Conv2D, Linear below) adds its bias the faster CPU way: on the CPU, in eager mode or
-    in training. Exported graphs (static, eval mode) keep conv + bias and matmul + bias, the patterns that Paddle
-    Inference's oneDNN passes and the ONNX runtimes fuse; GPUs keep Paddle's own kernels.
-
-    This function and the forwards of Conv2D and Linear are plain Python (not_to_static): paddle.jit.to_static
-    would otherwise rewrite them on every trace, which made tracing a small model 40-70% slower."""
-    return layer.bias is not None and paddle.get_device() == 'cpu' and (paddle.in_dynamic_mode() or layer.training)
+    """Whether ``layer`` (Conv2D, Linear below) adds its bias the faster CPU way: on the CPU, in eager mode.
+    Static graphs (paddle.jit.to_static, exported models) keep conv + bias and matmul + bias, the patterns that
+    Paddle Inference's oneDNN passes and the ONNX runtimes fuse, and any number of dynamic dimensions; GPUs keep
+    Paddle's own kernels. The forwards of Conv2D and Linear are not_to_static: to_static's rewriting of them on
+    every trace made tracing a small model 40-70% slower."""
+    return layer.bias is not None and paddle.get_device() == 'cpu' and paddle.in_dynamic_mode()
 
 
 class Conv2D(nn.Conv2D):
@@ -201,14 +199,13 @@ class Conv2D(nn.Conv2D):
 
     @paddle.jit.not_to_static
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        if not _cpu_bias_path(self):
+        if not _cpu_bias_path(self) or self._padding_mode != 'zeros' or self._data_format != 'NCHW':
             return super().forward(x)
         out = F.conv2d(x, self.weight, None, self._stride, self._padding, self._dilation, self._groups,
                        self._data_format)                                  # (B, C, H', W')
         return (out.flatten(2) + self.bias.unsqueeze(-1)).reshape(out.shape)
 
 
-@paddle.jit.not_to_static
 def _linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
     """F.linear, (..., in) -> (..., out), with the bias accumulated by the GEMM (paddle.addmm) on CPU: there
     10-30% faster than Paddle's matmul and broadcast add for MaxViT's (tokens, C) products, the same numbers."""
@@ -221,8 +218,8 @@ def _linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> pad
 class _LinearFn(PyLayer):
     """linear(act(h), weight, bias) (act: None or an activation) for eager training, with its backward written out:
 
-    * the bias gradient is a GEMM, ones @ grad: the column sum that Paddle's own linear backward runs on CPU is
-      8x slower (13 vs 1.7 ms for the (25088, 256) gradient of MaxViT-T's fc1 at batch 8);
+    * on CPU the bias gradient is a GEMM, ones @ grad: the column sum that Paddle's own linear backward runs
+      there is 8x slower (13 vs 1.7 ms for the (25088, 256) gradient of MaxViT-T's fc1 at batch 8);
     * with act (Mlp's fc2), h is kept but not act(h), which backward recomputes (one elementwise op): the MLP's
       (tokens, 4C) activation is stored once, not twice, about 0.9 GB at batch 32 for MaxViT-T.
 
@@ -253,24 +250,26 @@ class _LinearFn(PyLayer):
         a, grad = a.detach().reshape([-1, a.shape[-1]]), grad.reshape([-1, grad.shape[-1]])  # (tokens, .)
         if need_weight:
             grad_weight = paddle.matmul(a, grad.astype(a.dtype), transpose_x=True).astype(weight.dtype)  # (in, out)
-        if need_bias:
+        if need_bias and paddle.get_device() == 'cpu':
             ones = paddle.ones([1, grad.shape[0]], grad.dtype)
             grad_bias = paddle.matmul(ones, grad).reshape([-1]).astype(weight.dtype)              # (out,)
+        elif need_bias:
+            grad_bias = grad.sum(0).astype(weight.dtype)
         return grad_h, grad_weight, grad_bias
 
 
 class Linear(nn.Linear):
-    """nn.Linear (the same parameters and summary row) that, on CPU, adds its bias inside the GEMM and, in eager
-    training, runs _LinearFn's backward where the output has at least LINEAR_FN_MIN elements: its Python backward
-    costs about 60 us a call, what Paddle's column sum costs for about 33,000 elements (tiny layers keep autograd)."""
+    """nn.Linear (the same parameters and summary row) that, in eager mode on CPU, adds its bias inside the GEMM
+    and, with gradients enabled, runs _LinearFn's backward where the output has at least LINEAR_FN_MIN elements:
+    its Python backward costs about 60 us a call, what Paddle's column sum costs for about 33,000 elements, so
+    below twice that, Paddle's own autograd is as fast (and the tests' tiny models keep it)."""
     LINEAR_FN_MIN = 2 ** 16
 
     @paddle.jit.not_to_static
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         if not _cpu_bias_path(self):
             return super().forward(x)
-        if paddle.in_dynamic_mode() and paddle.is_grad_enabled() \
-                and math.prod(x.shape[:-1]) * self.weight.shape[1] >= self.LINEAR_FN_MIN:
+        if paddle.is_grad_enabled() and math.prod(x.shape[:-1]) * self.weight.shape[1] >= self.LINEAR_FN_MIN:
             return _LinearFn.apply(x, self.weight, self.bias)
         return _linear(x, self.weight, self.bias)
 
@@ -403,7 +402,7 @@ class Mlp(nn.Layer):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         h = self.fc1(x)                                      # (..., hidden)
         # the memory-saving backward (dropout would need its mask kept); not under paddle.jit.to_static, which has
-        # no static form of _LinearFn's paddle.grad and plans memory itself
+        # no static form of the paddle.grad that _LinearFn recomputes the activation with, and plans memory itself
         if self.training and self.drop.p == 0 and paddle.in_dynamic_mode():
             return _LinearFn.apply(h, self.fc2.weight, self.fc2.bias, self.act)
         return self.drop(self.fc2(self.drop(self.act(h))))

@@ -18,12 +18,16 @@ MODEL = [o for o in TINY if o.startswith('Model.')]
 def test_train_static_engine_steps_through_to_static(monkeypatch):
     """train-static is the train engine's step through paddle.jit.to_static(full_graph=True), as train.py's
     Global.to_static (tracing itself is tested in test_to_static.py; here it is recorded, not run)."""
-    wrapped = []
-    monkeypatch.setattr(paddle.jit, 'to_static', lambda layer, full_graph: wrapped.append((layer, full_graph)) or layer)
+    wrapped, calls = [], []
+
+    def to_static(layer, full_graph):
+        wrapped.append((layer, full_graph))
+        return lambda x: calls.append(x.shape) or layer(x)
+    monkeypatch.setattr(paddle.jit, 'to_static', to_static)
     spec = dict(engine='train-static', config=CONFIG, overrides=MODEL, batch=2, size=32)
     step, device, _ = _paddle_worker(spec)
     assert device == 'cpu' and math.isfinite(step()) and [full for _, full in wrapped] == [True]
-    assert isinstance(wrapped[0][0], MaxViT) and wrapped[0][0].training
+    assert isinstance(wrapped[0][0], MaxViT) and wrapped[0][0].training and calls == [[2, 3, 32, 32]]
 
 
 def test_engines_run_side_by_side(tmp_path, capsys):
