@@ -93,6 +93,10 @@ def use_cpu_cores() -> int:
     return int(os.environ['MKL_NUM_THREADS'])
 
 
+# glibc malloc settings a user may make in the environment; tune_cpu_eager then leaves malloc alone
+MALLOC_SETTINGS = ('GLIBC_TUNABLES', 'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_')
+
+
 def tune_cpu_eager() -> None:
     """Two process-wide settings that make eager Paddle on CPU about 1.5x faster on MaxViT-T (inference and training
     steps at batch 8; docs/performance.md), for everything in this process; settings the user made in the
@@ -107,11 +111,12 @@ def tune_cpu_eager() -> None:
       Paddle's CPU allocator mallocs and frees every tensor, and a new activation of a few MB came fresh from
       the kernel and page-faulted as it was written: a (25088, 64) x (64, 256) matmul took 12 ms here, and 4.5 ms
       with the buffer reused. Larger buffers still go back to the OS, so peak memory stays as it was
-      (M_MMAP_MAX=0, every buffer from the heap, was 5% faster again but raised the training peak at batch 32 by 1.3-1.8 GB).
+      (M_MMAP_MAX=0, every buffer from the heap, was 5% faster again but raised the training peak at batch 32
+      by 1.3-1.8 GB).
     """
     if 'FLAGS_use_stride_kernel' not in os.environ:
         paddle.set_flags({'FLAGS_use_stride_kernel': False})
-    if any(k in os.environ for k in ('GLIBC_TUNABLES', 'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_')):
+    if any(k in os.environ for k in MALLOC_SETTINGS):
         return
     mallopt = getattr(ctypes.CDLL(None), 'mallopt', None)  # glibc (Linux); elsewhere nothing to set
     if mallopt is not None:

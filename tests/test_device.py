@@ -73,7 +73,7 @@ def test_tuned_cpu_reuses_freed_buffers_and_transposes_densely():
         'tune_cpu_eager()\n'
         'print(plain, plain_dense, faults(), transposed())\n')
     env = {k: v for k, v in os.environ.items()
-           if k not in ('FLAGS_use_stride_kernel', 'GLIBC_TUNABLES', 'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_')}
+           if k not in ('FLAGS_use_stride_kernel',) + common.device.MALLOC_SETTINGS}
     out = subprocess.run([sys.executable, '-c', code], cwd=Path(__file__).resolve().parents[1], env=env,
                          capture_output=True, text=True, check=True).stdout.split()
     plain, plain_dense, tuned, tuned_dense = int(out[0]), out[1], int(out[2]), out[3]
