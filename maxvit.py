@@ -180,32 +180,70 @@ _TRUNC_NORMAL = nn.initializer.TruncatedNormal(mean=0.0, std=0.02, a=-0.04, b=0.
 def _act(name: str) -> nn.Layer:
     if name == 'silu':
         return nn.Silu()
-    return nn.GELU(approximate=(name == 'gelu_tanh'))
+    return GELU(approximate=(name == 'gelu_tanh'))
+
+
+def _cpu_path(layer: nn.Layer, x: paddle.Tensor) -> bool:
+    """Whether ``layer`` takes its faster CPU forms (the bias paths of Conv2D and Linear below, CPU_KERNELS): on
+    the CPU, in eager mode or in a static training graph whose input shape is fully known (to_static training:
+    7.0 -> 5.4 s a step for MaxViT-T at batch 8 with the bias paths). Exported models (static, eval mode) keep
+    Paddle's ops: conv + bias and matmul + bias are the patterns that Paddle Inference's oneDNN passes and the ONNX
+    runtimes fuse, and they know no custom ops. GPUs keep Paddle's own kernels. The forwards of Conv2D and Linear
+    are not_to_static: to_static's rewriting of them on every trace made tracing a small model 40-70% slower."""
+    return paddle.get_device() == 'cpu' and (paddle.in_dynamic_mode() or (layer.training and -1 not in x.shape))
 
 
 def _cpu_bias_path(layer: nn.Layer, x: paddle.Tensor) -> bool:
-    """Whether ``layer`` (Conv2D, Linear below) adds its bias the faster CPU way: on the CPU, in eager mode, or
-    in a static training graph whose input shape is fully known (to_static training: 7.0 -> 5.4 s a step for
-    MaxViT-T at batch 8). Exported models (static, eval mode) keep conv + bias and matmul + bias, the patterns
-    that Paddle Inference's oneDNN passes and the ONNX runtimes fuse; GPUs keep Paddle's own kernels. The forwards
-    of Conv2D and Linear are not_to_static: to_static's rewriting of them on every trace made tracing a small
-    model 40-70% slower."""
-    return layer.bias is not None and paddle.get_device() == 'cpu' and (
-        paddle.in_dynamic_mode() or (layer.training and -1 not in x.shape))
+    return layer.bias is not None and _cpu_path(layer, x)
+
+
+# CPU kernels (common/cpu_kernels.cc) for the depthwise convolution, GELU, LayerNorm and the attention's bias +
+# softmax, where Paddle's own CPU kernels are slow (docs/performance.md). common.device.setup('cpu') builds and sets
+# them (common/cpu_kernels.py); None: Paddle's ops throughout, the same results within float rounding (tests).
+CPU_KERNELS = None
+
+
+def _cpu_kernels_for(layer: nn.Layer, x: paddle.Tensor):
+    """CPU_KERNELS where they apply to ``layer`` on x (float32, _cpu_path), else None."""
+    if CPU_KERNELS is None or x.dtype != paddle.float32 or not _cpu_path(layer, x):
+        return None
+    return CPU_KERNELS
 
 
 class Conv2D(nn.Conv2D):
     """nn.Conv2D (the same parameters and summary row) that, on CPU, adds its bias on a (B, C, H*W) view of the
     output: Paddle's CPU add broadcasts a (1, C, 1, 1) bias over a 4-D map 18x slower than the same sum in 3-D
-    (43 vs 2.3 ms on a (8, 64, 112, 112) map; the bias adds were 8% of an eager MaxViT-T forward)."""
+    (43 vs 2.3 ms on a (8, 64, 112, 112) map; the bias adds were 8% of an eager MaxViT-T forward). A depthwise
+    convolution runs on CPU_KERNELS where they apply (forward 3-13x, forward and backward 2.4-7x faster than
+    Paddle's CPU kernel for MaxViT-T's at batch 8)."""
 
     @paddle.jit.not_to_static
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        kernels = _cpu_kernels_for(self, x)
+        geometry = None if kernels is None else self._depthwise_geometry(x.shape)
+        if geometry is not None:
+            bias = self.bias if self.bias is not None else paddle.zeros([self._out_channels], x.dtype)
+            return kernels.depthwise_conv(x, self.weight, bias, self._stride[0], *geometry)
         if not _cpu_bias_path(self, x) or self._padding_mode != 'zeros' or self._data_format != 'NCHW':
             return super().forward(x)
         out = F.conv2d(x, self.weight, None, self._stride, self._padding, self._dilation, self._groups,
                        self._data_format)                                  # (B, C, H', W')
         return (out.flatten(2) + self.bias.unsqueeze(-1)).reshape(out.shape)
+
+    def _depthwise_geometry(self, shape: Sequence[int]):
+        """(pad_top, pad_left, out_h, out_w) when this is a depthwise convolution that CPU_KERNELS computes
+        (NCHW, square kernel, equal strides, no dilation, zero padding given as an int or 'SAME'), else None."""
+        k, s = self._kernel_size[0], self._stride[0]
+        if not (self._groups == self._in_channels == self._out_channels and self._data_format == 'NCHW'
+                and self._padding_mode == 'zeros' and self._kernel_size[1] == k and self._stride[1] == s
+                and list(self._dilation) == [1, 1] and (isinstance(self._padding, int) or self._padding == 'SAME')):
+            return None
+        H, W = shape[2], shape[3]
+        if self._padding == 'SAME':  # TensorFlow's: output ceil(size / s), the odd pixel of padding after
+            Ho, Wo = -(-H // s), -(-W // s)
+            return max((Ho - 1) * s + k - H, 0) // 2, max((Wo - 1) * s + k - W, 0) // 2, Ho, Wo
+        p = self._padding
+        return p, p, (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
 
 
 def _addmm_linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
@@ -319,12 +357,26 @@ class DropPath(nn.Layer):
         return f'drop_prob={self.drop_prob}'
 
 
+class GELU(nn.GELU):
+    """nn.GELU, computed by CPU_KERNELS where they apply."""
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        kernels = _cpu_kernels_for(self, x)
+        return super().forward(x) if kernels is None else kernels.gelu(x, self._approximate)
+
+
 class Channel_Layernorm(nn.LayerNorm):
     """LayerNorm over the channel axis of a channels-last (B, H, W, C) map.
 
     The article's Channel_Layernorm wrapped a LayerNorm between two NCHW<->NHWC transposes; our attention blocks
     are channels-last already, so the transposes are gone and this is LayerNorm itself (same parameters).
     """
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        kernels = _cpu_kernels_for(self, x)
+        if kernels is None or self.weight is None or self.bias is None:
+            return super().forward(x)
+        return kernels.layer_norm(x, self.weight, self.bias, self._epsilon)
 
 
 class SE(nn.Layer):
@@ -513,6 +565,10 @@ class Rel_Attention(nn.Layer):
         Bw, N, C = x.shape
         qkv = self.qkv(x).reshape([Bw, N, 3, self.num_heads, C // self.num_heads])
         q, k, v = qkv.transpose([2, 0, 3, 1, 4]).unbind(0)                 # each (B', heads, N, head_dim)
+        kernels = _cpu_kernels_for(self, x)
+        if kernels is not None and mask is None:                           # one pass: scale, bias, softmax
+            attn = kernels.bias_softmax(paddle.matmul(q, k, transpose_y=True), self.relative_bias(), self.scale)
+            return attn, v                                                 # (B', heads, N, N)
         # scale the contiguous product, not the strided q view (an elementwise op on a strided view is slow)
         attn = paddle.matmul(q, k, transpose_y=True) * self.scale          # (B', heads, N, N)
         attn = attn + self.relative_bias().astype(attn.dtype)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import paddle
 import paddle.distributed as dist
 
+from common import cpu_kernels
 from common.config import ConfigError
 
 
@@ -137,6 +138,7 @@ def setup(device: str = 'auto') -> Env:
                            '(README, Install) or use -o Global.device=cpu')
     if device == 'cpu':
         tune_cpu_eager()
+        cpu_kernels.enable()
     paddle.set_device(device)  # under the launcher, 'gpu' means this process's GPU (FLAGS_selected_gpus)
     world_size = dist.get_world_size()
     if world_size > 1:

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from common.device import setup
 from common.shapes import make_shapes_dataset
+
+# The suite runs as train.py does on a CPU machine: eager Paddle tuned and MaxViT's CPU kernels on
+# (common.device.setup); tests/test_cpu_kernels.py compares the kernels with Paddle's own ops.
+setup('cpu')
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,6 +4,7 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
+import maxvit
 import train
 from common.checkpoint import load_checkpoint
 from common.config import ConfigError, load_config
@@ -15,7 +16,8 @@ SMALL = dict(tiny_args, stage_num_block=[1, 1, 1, 1], stem_dim=8, stage_dim=16, 
 
 def test_static_forward_and_backward_equal_eager():
     # the memory-saving PyLayers (DropPath's _ScaleSamples, Mlp's _LinearFn) take their plain form in the
-    # static program; DropPath draws the same masks from the same seed
+    # static program; DropPath draws the same masks from the same seed. Both run maxvit.CPU_KERNELS (conftest)
+    assert maxvit.CPU_KERNELS is not None
     paddle.seed(0)
     eager = MaxViT(SMALL)
     static = MaxViT(SMALL)

@@ -1,0 +1,138 @@
+"""MaxViT's CPU kernels (cpu_kernels.cc): built once per machine and Paddle version with paddle.utils.cpp_extension,
+then handed to maxvit.py, whose eager CPU layers use them (depthwise convolution, LayerNorm, the attention's
+bias + softmax, each with its backward). Paddle's own CPU kernels for these ops were a third of an eager MaxViT-T
+training step (docs/performance.md). enable() is called by common.device.setup('cpu'); without a C++ compiler, or
+with MAXVIT_CPU_KERNELS=0 in the environment, the model runs on Paddle's own ops, with the same results."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import paddle
+
+SOURCE = Path(__file__).with_name('cpu_kernels.cc')
+NAME = 'maxvit_cpu_kernels'
+_loaded: Optional[bool] = None  # this process: None = not tried yet, else whether the ops are registered
+
+
+def _cpu_flags() -> str:
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8') as f:
+            return next((line for line in f if line.startswith('flags')), '')
+    except OSError:
+        return ''
+
+
+def build_dir() -> Path:
+    """Where the compiled kernels live: one directory per source, Paddle build and CPU (-march=native), under
+    $XDG_CACHE_HOME or ~/.cache."""
+    key = hashlib.sha256(SOURCE.read_bytes() + paddle.version.full_version.encode() + paddle.version.commit.encode()
+                         + _cpu_flags().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache')
+    return cache / 'maxvit_paddle' / f'{NAME}-{key}'
+
+
+def _link_flags() -> list:
+    """The kernels' OpenMP threads come from the runtime of Paddle's MKL (libiomp5): with GCC's own (libgomp) the
+    two thread pools took turns on the cores, and a kernel waited for a 4 ms scheduler tick while MKL's threads
+    spun."""
+    libs = Path(paddle.__file__).parent / 'libs'
+    if (libs / 'libiomp5.so').is_file():
+        return [f'-L{libs}', '-l:libiomp5.so', f'-Wl,-rpath,{libs}']
+    return ['-fopenmp']
+
+
+def _build(directory: Path) -> Path:
+    """Compile cpu_kernels.cc into ``directory`` (about 15 s) and return the library."""
+    from paddle.utils.cpp_extension import load
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f'maxvit: building the CPU kernels once for this machine and Paddle {paddle.__version__} '
+          f'(about 15 s) into {directory}', file=sys.stderr, flush=True)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # the build's own chatter; its errors come back in the exception
+        load(name=NAME, sources=[str(SOURCE)], extra_cxx_cflags=['-O3', '-march=native', '-fopenmp'],
+             extra_ldflags=_link_flags(), build_directory=str(directory), verbose=False)
+    return directory / NAME / f'{NAME}.so'
+
+
+def load() -> bool:
+    """Register the kernels' ops in this process, building them first if needed. False (and a warning, once)
+    where they cannot be built: the model then uses Paddle's own ops."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    _loaded = False
+    if os.environ.get('MAXVIT_CPU_KERNELS', '1') == '0' or not sys.platform.startswith('linux'):
+        return False
+    with warnings.catch_warnings():  # cpp_extension warns on import when ccache is missing
+        warnings.simplefilter('ignore')
+        from paddle.utils.cpp_extension import load_op_meta_info_and_register_op
+    directory = build_dir()
+    library = directory / NAME / f'{NAME}.so'
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with open(directory.parent / f'{directory.name}.lock', 'w') as lock:  # one build, however many processes
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not library.is_file():
+                with warnings.catch_warnings():
+                    warnings.simplefilter('ignore')
+                    _build(directory)  # registers the ops too
+                _loaded = True
+                return True
+        load_op_meta_info_and_register_op(str(library))
+    except Exception as e:  # no compiler, a read-only home, a failed compile: run on Paddle's own ops
+        warnings.warn(f'maxvit: the CPU kernels could not be built ({type(e).__name__}: {str(e).strip()[-500:]}); '
+                      f'running on Paddle\'s own (slower) CPU ops. MAXVIT_CPU_KERNELS=0 skips this attempt.')
+        return False
+    _loaded = True
+    return True
+
+
+def enable() -> bool:
+    """Load the kernels and have maxvit's eager CPU layers use them. Returns whether they are in use."""
+    import maxvit
+    maxvit.CPU_KERNELS = KernelOps() if load() else None
+    return maxvit.CPU_KERNELS is not None
+
+
+def _run(op: str, tensors: list, *attrs):
+    """Run custom op ``op`` on ``tensors`` (made dense: the kernels read memory row-major, and a strided view, with
+    FLAGS_use_stride_kernel on, is copied first) and ``attrs``; its first output. Under no_grad (and in a PyLayer's
+    forward) the inputs are detached: Paddle 3.x records a backward for custom ops even there, which would keep
+    their inputs alive (inference memory, and the activation _LinearFn recomputes instead of keeping)."""
+    if paddle.in_dynamic_mode():  # (a static training graph: its tensors are dense, its backward is planned)
+        tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+        if not paddle.is_grad_enabled():
+            tensors = [t.detach() for t in tensors]
+    return paddle._C_ops._run_custom_op(op, *tensors, *attrs)[0]
+
+
+class KernelOps:
+    """The ops as maxvit calls them (eager mode, float32 CPU tensors; autograd runs back through each)."""
+
+    @staticmethod
+    def depthwise_conv(x, weight, bias, stride: int, pad_top: int, pad_left: int, out_h: int, out_w: int):
+        """(B, C, H, W) -> (B, C, out_h, out_w); weight (C, 1, k, k), bias (C,)."""
+        return _run('maxvit_depthwise_conv', [x, weight, bias], stride, pad_top, pad_left, out_h, out_w)
+
+    @staticmethod
+    def gelu(x, approximate: bool):
+        """GELU, exact or with the tanh approximation, elementwise."""
+        return _run('maxvit_gelu', [x], approximate)
+
+    @staticmethod
+    def layer_norm(x, weight, bias, eps: float):
+        """LayerNorm over the last axis of x (..., C); weight, bias (C,)."""
+        return _run('maxvit_layer_norm', [x, weight, bias], eps)
+
+    @staticmethod
+    def bias_softmax(x, bias, scale: float):
+        """softmax(scale * x + bias) over the last axis; x (B', heads, N, M), bias (heads, N, M)."""
+        return _run('maxvit_bias_softmax', [x, bias], scale)

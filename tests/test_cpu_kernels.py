@@ -1,0 +1,188 @@
+"""MaxViT's CPU kernels (common/cpu_kernels.cc): each op's values and gradients against Paddle's own ops, the whole
+model with and without them, and the fallback to Paddle's ops when they cannot be built."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+import maxvit
+from common import cpu_kernels
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.load(), reason='the CPU kernels could not be built here')
+OPS = cpu_kernels.KernelOps
+
+
+def values_and_grads(fn, *inputs, seed=0):
+    """fn(*inputs) and the gradients of <fn(*inputs), g> for a fixed random g, as numpy arrays."""
+    inputs = [paddle.to_tensor(a, stop_gradient=False) for a in inputs]
+    out = fn(*inputs)
+    g = paddle.to_tensor(np.random.RandomState(seed).randn(*out.shape).astype('float32'))
+    out.backward(g)
+    return [out.numpy()] + [t.grad.numpy() for t in inputs]
+
+
+def assert_same(mine, ref, rtol=1e-5):
+    """Every array within rtol of the largest entry of its reference."""
+    assert len(mine) == len(ref)
+    for i, (a, b) in enumerate(zip(mine, ref)):
+        scale = np.abs(b).max()
+        assert scale > 0 and np.abs(a - b).max() <= rtol * scale, (i, np.abs(a - b).max(), scale)
+
+
+@pytest.mark.parametrize('shape, k, stride, padding', [
+    ((2, 5, 9, 11), 3, 1, 1), ((2, 5, 9, 11), 3, 2, 1),
+    ((2, 4, 10, 10), 3, 2, 'SAME'),       # TF padding: nothing before, one after
+    ((3, 4, 7, 7), 3, 1, 1), ((1, 3, 5, 6), 3, 2, 1), ((2, 3, 12, 9), 5, 1, 2), ((2, 3, 13, 9), 5, 2, 'SAME'),
+])
+def test_depthwise_conv_matches_paddle(shape, k, stride, padding):
+    rng = np.random.RandomState(0)
+    C = shape[1]
+    x, w, b = (rng.randn(*shape).astype('float32'), rng.randn(C, 1, k, k).astype('float32'),
+               rng.randn(C).astype('float32'))
+    conv = maxvit.Conv2D(C, C, k, stride, padding, groups=C)
+    geometry = conv._depthwise_geometry(shape)
+    ref = values_and_grads(lambda x, w, b: F.conv2d(x, w, b, stride, padding, groups=C), x, w, b)
+    assert geometry[2:] == ref[0].shape[2:]
+    assert_same(values_and_grads(lambda x, w, b: OPS.depthwise_conv(x, w, b, stride, *geometry), x, w, b), ref)
+
+
+def test_depthwise_geometry_only_for_what_the_kernel_computes():
+    assert maxvit.Conv2D(4, 4, 3, 1, 1, groups=4)._depthwise_geometry([1, 4, 8, 8]) == (1, 1, 8, 8)
+    assert maxvit.Conv2D(4, 4, 3, 2, 'SAME', groups=4)._depthwise_geometry([1, 4, 8, 7]) == (0, 1, 4, 4)
+    for conv in (maxvit.Conv2D(4, 8, 3, 1, 1, groups=4), maxvit.Conv2D(4, 4, 3, 1, 1),
+                 maxvit.Conv2D(4, 4, 3, 1, 2, dilation=2, groups=4), maxvit.Conv2D(4, 4, 3, 1, 'VALID', groups=4),
+                 maxvit.Conv2D(4, 4, 3, 1, 1, groups=4, padding_mode='reflect')):
+        assert conv._depthwise_geometry([1, 4, 8, 8]) is None
+
+
+@pytest.mark.parametrize('shape', [(6, 37, 64), (5, 3, 7)])
+def test_layer_norm_matches_paddle(shape):
+    rng = np.random.RandomState(1)
+    C = shape[-1]
+    x, w, b = (3 * rng.randn(*shape).astype('float32') + 1, rng.randn(C).astype('float32'),
+               rng.randn(C).astype('float32'))
+    assert_same(values_and_grads(lambda x, w, b: OPS.layer_norm(x, w, b, 1e-5), x, w, b),
+                values_and_grads(lambda x, w, b: F.layer_norm(x, [C], w, b, 1e-5), x, w, b))
+
+
+@pytest.mark.parametrize('shape', [(6, 2, 49, 49), (4, 3, 4, 4)])
+def test_bias_softmax_matches_paddle(shape):
+    rng = np.random.RandomState(2)
+    x, b = 20 * rng.randn(*shape).astype('float32'), rng.randn(*shape[1:]).astype('float32')
+    assert_same(values_and_grads(lambda x, b: OPS.bias_softmax(x, b, 0.17), x, b),
+                values_and_grads(lambda x, b: F.softmax(x * 0.17 + b, axis=-1), x, b))
+
+
+@pytest.mark.parametrize('approximate', [False, True])
+def test_gelu_matches_paddle(approximate):
+    # the whole float range that matters, tails and zero included, then random values
+    x = np.concatenate([np.linspace(-12, 12, 24001), np.random.RandomState(3).randn(999) * 3]).astype('float32')
+    assert_same(values_and_grads(lambda x: OPS.gelu(x, approximate), x),
+                values_and_grads(lambda x: F.gelu(x, approximate), x))
+
+
+class Recording:
+    """KernelOps that counts its calls by op."""
+
+    def __init__(self):
+        self.calls = {}
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return getattr(OPS, name)(*args)
+        return call
+
+
+@pytest.mark.parametrize('name, size', [('tiny_tf', 128), ('tiny', 128), ('tiny_tf', 50)],
+                         ids=['official-128', 'article-128', 'official-50-padded'])
+def test_model_with_kernels_equals_model_without(name, size, monkeypatch):
+    """Logits and every parameter gradient of a training step, with the kernels and with Paddle's ops: the
+    official layout ('SAME' padding, tanh GELU, SiLU in SE), the article layout, and a size whose stage maps need
+    padding and masked attention (which the kernels leave to Paddle). 4x4 windows: at 128 every stage map
+    (32, 16, 8, 4) divides by them, at 50 three of four do not."""
+    paddle.seed(0)
+    model = maxvit.create_model(name, num_classes=10, stage_num_block=[1, 1, 2, 1], block_size=[4, 4],
+                                grid_size=[4, 4])
+    x = paddle.to_tensor(np.random.RandomState(4).randn(2, 3, size, size).astype('float32'))
+    results = []
+    for ops in (Recording(), None):
+        monkeypatch.setattr(maxvit, 'CPU_KERNELS', ops)
+        paddle.seed(1)  # the same stochastic-depth draws
+        model.clear_gradients()
+        logits = model(x)
+        logits.sum().backward()
+        results.append((logits.numpy(), {n: p.grad.numpy() for n, p in model.named_parameters()
+                                           if p.grad is not None}))
+        if ops is not None:  # every kind of layer went through the kernels
+            assert set(ops.calls) == {'depthwise_conv', 'gelu', 'layer_norm', 'bias_softmax'}, ops.calls
+            assert ops.calls['depthwise_conv'] == 5 and ops.calls['layer_norm'] == 20
+    (logits, grads), (ref_logits, ref_grads) = results
+    assert_same([logits], [ref_logits])
+    # gradients to float rounding of the largest one (some biases before a BatchNorm have a gradient of zero
+    # in exact arithmetic, so their own scale is rounding noise)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 100
+    scale = max(np.abs(g).max() for g in ref_grads.values())
+    for key, ref in ref_grads.items():
+        np.testing.assert_allclose(grads[key], ref, rtol=1e-3, atol=1e-5 * scale, err_msg=key)
+
+
+def test_no_backward_recorded_under_no_grad():
+    """Paddle records a backward for custom ops even under no_grad; the kernels' wrappers must not (it would keep
+    every input alive during inference)."""
+    x = paddle.randn([2, 3, 4, 4])
+    x.stop_gradient = False
+    saved = []
+    with paddle.autograd.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t), paddle.no_grad():
+        y = OPS.gelu(OPS.depthwise_conv(x, paddle.ones([3, 1, 3, 3]), paddle.zeros([3]), 1, 1, 1, 4, 4), False)
+    assert y.stop_gradient and not saved
+    assert not OPS.gelu(x, False).stop_gradient  # with gradients on, the backward is there
+
+
+def test_kernels_in_eager_and_static_training_but_not_in_exports_or_other_dtypes(monkeypatch):
+    """The kernels run in eager mode and in static training graphs (Global.to_static), on float32; exported models
+    (static, eval mode) keep Paddle's ops, which Paddle Inference and the ONNX runtimes know."""
+    ops = Recording()
+    monkeypatch.setattr(maxvit, 'CPU_KERNELS', ops)
+    maxvit.GELU()(paddle.ones([4], 'float64'))
+    assert not ops.calls
+    spec = [paddle.static.InputSpec([4], 'float32')]
+    exported = maxvit.GELU()
+    exported.eval()
+    paddle.jit.to_static(exported, full_graph=True, input_spec=spec)(paddle.ones([4]))
+    assert not ops.calls
+    training = maxvit.GELU()
+    training.train()
+    paddle.jit.to_static(training, full_graph=True, input_spec=spec)(paddle.ones([4]))  # traced once
+    maxvit.GELU()(paddle.ones([4]))
+    assert ops.calls == {'gelu': 2}
+
+
+def test_build_failure_falls_back_to_paddle_ops(monkeypatch, tmp_path):
+    def fail(directory):
+        raise RuntimeError('c++: command not found')
+    monkeypatch.setattr(cpu_kernels, '_loaded', None)
+    monkeypatch.setattr(cpu_kernels, '_build', fail)
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+    monkeypatch.setattr(maxvit, 'CPU_KERNELS', OPS)
+    with pytest.warns(UserWarning, match=r'could not be built \(RuntimeError: c\+\+: command not found\).*'
+                                         r'MAXVIT_CPU_KERNELS=0'):
+        assert cpu_kernels.enable() is False
+    assert maxvit.CPU_KERNELS is None
+
+
+def test_environment_turns_the_kernels_off():
+    code = ('import paddle, maxvit\n'
+            'from common.device import setup\n'
+            'setup("cpu")\n'
+            'logits = maxvit.MaxViT(maxvit.tiny_args)(paddle.zeros([1, 3, 64, 64]))\n'
+            'print(maxvit.CPU_KERNELS is None, list(logits.shape))')
+    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, 'MAXVIT_CPU_KERNELS': '0'})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == 'True [1, 1000]', out.stdout
