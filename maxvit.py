@@ -205,7 +205,8 @@ CPU_KERNELS = None
 
 def _cpu_kernels_for(layer: nn.Layer, x: paddle.Tensor):
     """CPU_KERNELS where they apply to ``layer`` on x (float32, _cpu_path), else None."""
-    if CPU_KERNELS is None or x.dtype != paddle.float32 or not _cpu_path(layer, x):
+    if CPU_KERNELS is None or x.dtype != paddle.float32 or not _cpu_path(layer, x) \
+            or not paddle.framework.in_dynamic_or_pir_mode():  # (the legacy static IR: Paddle's ops)
         return None
     return CPU_KERNELS
 
@@ -565,12 +566,12 @@ class Rel_Attention(nn.Layer):
         Bw, N, C = x.shape
         qkv = self.qkv(x).reshape([Bw, N, 3, self.num_heads, C // self.num_heads])
         q, k, v = qkv.transpose([2, 0, 3, 1, 4]).unbind(0)                 # each (B', heads, N, head_dim)
-        kernels = _cpu_kernels_for(self, x)
+        attn = paddle.matmul(q, k, transpose_y=True)                       # (B', heads, N, N)
+        kernels = _cpu_kernels_for(self, attn)
         if kernels is not None and mask is None:                           # one pass: scale, bias, softmax
-            attn = kernels.bias_softmax(paddle.matmul(q, k, transpose_y=True), self.relative_bias(), self.scale)
-            return attn, v                                                 # (B', heads, N, N)
+            return kernels.bias_softmax(attn, self.relative_bias(), self.scale), v
         # scale the contiguous product, not the strided q view (an elementwise op on a strided view is slow)
-        attn = paddle.matmul(q, k, transpose_y=True) * self.scale          # (B', heads, N, N)
+        attn = attn * self.scale
         attn = attn + self.relative_bias().astype(attn.dtype)
         if mask is not None:                                               # (nW, N) -> bias on padded keys
             nw = mask.shape[0]

@@ -31,10 +31,10 @@ void CheckFloat(const paddle::Tensor& t, const char* name) {
   PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, name, " must be float32");
 }
 
-// exp for the softmax, written so that the compiler vectorises it: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2,
+// exp for the softmax and GELU, written so that the compiler vectorises it: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2,
 // p a degree-6 polynomial (relative error below 2e-7 over the float range that does not overflow).
-inline float FastExp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+inline float FastExp(float v) {
+  const float x = std::min(std::max(v, -87.0f), 88.0f);
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23
   const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
   float p = 1.0f / 720;
@@ -47,7 +47,7 @@ inline float FastExp(float x) {
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return v < -87.0f ? 0.0f : p * scale;  // (below -87 the result is under float's normal range; NaN stays NaN)
 }
 
 // erf as a rational function (the approximation Eigen and XLA use for float32: x P(x^2) / Q(x^2) on [-4, 4],
@@ -183,7 +183,13 @@ std::vector<paddle::Tensor> DepthwiseConv(const paddle::Tensor& x, const paddle:
                                           const paddle::Tensor& bias, int stride, int pad_top, int pad_left,
                                           int out_h, int out_w) {
   CheckFloat(x, "x");
-  const DwGeometry g(x.shape(), weight.shape()[2], stride, pad_top, pad_left, out_h, out_w);
+  PD_CHECK(x.shape().size() == 4 && weight.shape().size() == 4, "x must be (N, C, H, W), weight (C, 1, k, k)");
+  const int64_t C = x.shape()[1], k = weight.shape()[2];
+  PD_CHECK(weight.shape()[0] == C && weight.shape()[1] == 1 && weight.shape()[3] == k && bias.numel() == C,
+           "weight must be (C, 1, k, k) and bias (C,) for x's C channels");
+  PD_CHECK(stride > 0 && pad_top >= 0 && pad_left >= 0 && out_h > 0 && out_w > 0,
+           "stride, padding and output size must be positive");
+  const DwGeometry g(x.shape(), k, stride, pad_top, pad_left, out_h, out_w);
   auto out = paddle::empty({g.N, g.C, g.Ho, g.Wo}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   const float *px = x.data<float>(), *pw = weight.data<float>(), *pb = bias.data<float>();
   float* po = out.data<float>();
@@ -289,6 +295,7 @@ std::vector<paddle::Tensor> LayerNorm(const paddle::Tensor& x, const paddle::Ten
                                       const paddle::Tensor& bias, float eps) {
   CheckFloat(x, "x");
   const int64_t n = x.shape().back(), rows = x.numel() / n;
+  PD_CHECK(n > 0 && weight.numel() == n && bias.numel() == n, "weight and bias must have x's last size");
   auto y = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
   const float *px = x.data<float>(), *pw = weight.data<float>(), *pb = bias.data<float>();
   float* py = y.data<float>();
@@ -363,6 +370,8 @@ std::vector<std::vector<int64_t>> LayerNormShape(const std::vector<int64_t>& x, 
 std::vector<paddle::Tensor> BiasSoftmax(const paddle::Tensor& x, const paddle::Tensor& bias, float scale) {
   CheckFloat(x, "x");
   const int64_t m = x.shape().back(), per_window = bias.numel(), rows = x.numel() / m;
+  PD_CHECK(m > 0 && bias.shape().back() == m && per_window % m == 0 && x.numel() % per_window == 0,
+           "bias must be (heads, N, M) for x (B', heads, N, M)");
   auto y = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
   const float *px = x.data<float>(), *pb = bias.data<float>();
   float* py = y.data<float>();

@@ -1,15 +1,16 @@
 """MaxViT's CPU kernels (cpu_kernels.cc): built once per machine and Paddle version with paddle.utils.cpp_extension,
-then handed to maxvit.py, whose eager CPU layers use them (depthwise convolution, LayerNorm, the attention's
-bias + softmax, each with its backward). Paddle's own CPU kernels for these ops were a third of an eager MaxViT-T
-training step (docs/performance.md). enable() is called by common.device.setup('cpu'); without a C++ compiler, or
-with MAXVIT_CPU_KERNELS=0 in the environment, the model runs on Paddle's own ops, with the same results."""
+then handed to maxvit.py, whose layers use them on the CPU in eager mode and in static training graphs (depthwise
+convolution, GELU, LayerNorm, the attention's scale + bias + softmax, each with its backward). Paddle's own CPU
+kernels for these ops took a quarter of an eager MaxViT-T training step (docs/performance.md). enable() is
+called by common.device.setup('cpu'); without a C++ compiler, or with MAXVIT_CPU_KERNELS=0 in the environment,
+the model runs on Paddle's own ops, with the same results to float rounding."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -31,10 +32,10 @@ def _cpu_flags() -> str:
 
 
 def build_dir() -> Path:
-    """Where the compiled kernels live: one directory per source, Paddle build and CPU (-march=native), under
-    $XDG_CACHE_HOME or ~/.cache."""
-    key = hashlib.sha256(SOURCE.read_bytes() + paddle.version.full_version.encode() + paddle.version.commit.encode()
-                         + _cpu_flags().encode()).hexdigest()[:16]
+    """Where the compiled kernels live: one directory per source (the .cc and this file, which holds the build
+    flags), Paddle build and CPU (-march=native), under $XDG_CACHE_HOME or ~/.cache."""
+    key = hashlib.sha256(SOURCE.read_bytes() + Path(__file__).read_bytes() + paddle.version.full_version.encode()
+                         + paddle.version.commit.encode() + _cpu_flags().encode()).hexdigest()[:16]
     cache = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache')
     return cache / 'maxvit_paddle' / f'{NAME}-{key}'
 
@@ -49,47 +50,52 @@ def _link_flags() -> list:
     return ['-fopenmp']
 
 
-def _build(directory: Path) -> Path:
-    """Compile cpu_kernels.cc into ``directory`` (about 15 s) and return the library."""
+def _build(directory: Path) -> None:
+    """Compile cpu_kernels.cc (about 15 s) into a fresh directory, then rename it to ``directory``: a build that
+    is interrupted or fails leaves no library behind that a later run would take for a finished one."""
     from paddle.utils.cpp_extension import load
-    directory.mkdir(parents=True, exist_ok=True)
+    staging = directory.with_name(f'{directory.name}.building-{os.getpid()}')
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     print(f'maxvit: building the CPU kernels once for this machine and Paddle {paddle.__version__} '
           f'(about 15 s) into {directory}', file=sys.stderr, flush=True)
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):  # the build's own chatter; its errors come back in the exception
-        load(name=NAME, sources=[str(SOURCE)], extra_cxx_cflags=['-O3', '-march=native', '-fopenmp'],
-             extra_ldflags=_link_flags(), build_directory=str(directory), verbose=False)
-    return directory / NAME / f'{NAME}.so'
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the build's chatter; errors come back in the exception
+            load(name=NAME, sources=[str(SOURCE)], extra_cxx_cflags=['-O3', '-march=native', '-fopenmp'],
+                 extra_ldflags=_link_flags(), build_directory=str(staging), verbose=False)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load() -> bool:
-    """Register the kernels' ops in this process, building them first if needed. False (and a warning, once)
-    where they cannot be built: the model then uses Paddle's own ops."""
+    """Register the kernels' ops in this process, building them first if needed. False (and a warning) where they
+    cannot be built or loaded: the model then uses Paddle's own ops."""
     global _loaded
     if _loaded is not None:
         return _loaded
     _loaded = False
     if os.environ.get('MAXVIT_CPU_KERNELS', '1') == '0' or not sys.platform.startswith('linux'):
         return False
-    with warnings.catch_warnings():  # cpp_extension warns on import when ccache is missing
-        warnings.simplefilter('ignore')
-        from paddle.utils.cpp_extension import load_op_meta_info_and_register_op
-    directory = build_dir()
-    library = directory / NAME / f'{NAME}.so'
+    import fcntl  # (Linux only, as paddle.utils.cpp_extension's custom operators)
     try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        with open(directory.parent / f'{directory.name}.lock', 'w') as lock:  # one build, however many processes
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not library.is_file():
-                with warnings.catch_warnings():
-                    warnings.simplefilter('ignore')
-                    _build(directory)  # registers the ops too
-                _loaded = True
-                return True
-        load_op_meta_info_and_register_op(str(library))
+        with warnings.catch_warnings():  # cpp_extension warns on import when ccache is missing
+            warnings.simplefilter('ignore')
+            from paddle.utils.cpp_extension import load_op_meta_info_and_register_op
+            directory = build_dir()
+            library = directory / NAME / f'{NAME}.so'
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            with open(directory.parent / f'{directory.name}.lock', 'w') as lock:  # one build for all processes
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if library.is_file():
+                    load_op_meta_info_and_register_op(str(library))
+                else:
+                    _build(directory)  # cpp_extension.load registers the ops too
     except Exception as e:  # no compiler, a read-only home, a failed compile: run on Paddle's own ops
-        warnings.warn(f'maxvit: the CPU kernels could not be built ({type(e).__name__}: {str(e).strip()[-500:]}); '
-                      f'running on Paddle\'s own (slower) CPU ops. MAXVIT_CPU_KERNELS=0 skips this attempt.')
+        warnings.warn(f'maxvit: the CPU kernels could not be built or loaded ({type(e).__name__}: '
+                      f'{str(e).strip()[-500:]}); running on Paddle\'s own (slower) CPU ops. MAXVIT_CPU_KERNELS=0 '
+                      f'skips this attempt.')
         return False
     _loaded = True
     return True

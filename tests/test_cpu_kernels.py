@@ -81,7 +81,8 @@ def test_bias_softmax_matches_paddle(shape):
 @pytest.mark.parametrize('approximate', [False, True])
 def test_gelu_matches_paddle(approximate):
     # the whole float range that matters, tails and zero included, then random values
-    x = np.concatenate([np.linspace(-12, 12, 24001), np.random.RandomState(3).randn(999) * 3]).astype('float32')
+    x = np.concatenate([np.linspace(-12, 12, 24001), np.random.RandomState(3).randn(999) * 3,
+                        [-200, -50, 50, 200]]).astype('float32')
     assert_same(values_and_grads(lambda x: OPS.gelu(x, approximate), x),
                 values_and_grads(lambda x: F.gelu(x, approximate), x))
 
@@ -170,7 +171,7 @@ def test_build_failure_falls_back_to_paddle_ops(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, '_build', fail)
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
     monkeypatch.setattr(maxvit, 'CPU_KERNELS', OPS)
-    with pytest.warns(UserWarning, match=r'could not be built \(RuntimeError: c\+\+: command not found\).*'
+    with pytest.warns(UserWarning, match=r'could not be built or loaded \(RuntimeError: c\+\+: command not found\).*'
                                          r'MAXVIT_CPU_KERNELS=0'):
         assert cpu_kernels.enable() is False
     assert maxvit.CPU_KERNELS is None
@@ -186,3 +187,12 @@ def test_environment_turns_the_kernels_off():
                          env={**os.environ, 'MAXVIT_CPU_KERNELS': '0'})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == 'True [1, 1000]', out.stdout
+
+
+def test_kernels_refuse_mismatched_shapes():
+    with pytest.raises(Exception, match="weight and bias must have x's last size"):
+        OPS.layer_norm(paddle.randn([2, 4]), paddle.ones([3]), paddle.zeros([3]), 1e-5)
+    with pytest.raises(Exception, match=r'bias must be \(heads, N, M\)'):
+        OPS.bias_softmax(paddle.randn([1, 2, 3, 3]), paddle.zeros([7]), 1.0)
+    with pytest.raises(Exception, match=r'weight must be \(C, 1, k, k\)'):
+        OPS.depthwise_conv(paddle.randn([1, 3, 5, 5]), paddle.ones([4, 1, 3, 3]), paddle.zeros([4]), 1, 1, 1, 5, 5)
