@@ -53,6 +53,9 @@ def test_engines_run_side_by_side(tmp_path, capsys):
     assert header.split()[:7] == ['engine', 's/iter', 'p90', 's', 'img/s', 'x', 'timm']
     assert 'x peer' in header and 'x first' in header and 'max|diff|' in header
     assert any(line.startswith('quiet iterations: ') for line in lines)
+    # the workers ran setup('cpu'): the table says that eager and training rows ran MaxViT's CPU kernels
+    assert [r['cpu_kernels'] for r in rows] == [True, True, True]
+    assert 'MaxViT CPU kernels (eager and training rows): on' in lines
 
 
 def test_cpu_info_reads_model_and_isa_flags():

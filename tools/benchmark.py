@@ -14,7 +14,9 @@ order, while the others are paused (SIGSTOP: idle Paddle Inference threads spin 
 reports medians. So ratios come from the same minutes on the same machine; absolute times on a shared machine
 are noise. Iterations during which other processes used more than --quiet cores are dropped from the
 "quiet" median. Every table starts with the CPU model and its ISA flags (/proc/cpuinfo): compare ratios measured
-in one run, never absolute times across machines.
+in one run, never absolute times across machines. Paddle's engines run after common.device.setup, so on CPU the
+eager and training rows use MaxViT's CPU kernels (common/cpu_kernels.cc) where they are built; the table says
+whether they did (MAXVIT_CPU_KERNELS=0 runs Paddle's own ops).
 
 Engines that run the network another way than eager Paddle (static, inference*, onnxruntime, openvino*) first
 compare their logits with eager Paddle's on one standard-normal batch: the table's max|diff| (and over the largest
@@ -91,10 +93,12 @@ def _paddle_worker(spec):
     sys.path.insert(0, str(ROOT))
     from common.device import cpu_cores, setup
     from common.config import build_model, load_config
-    env = setup('auto')  # MKL threads: this process's share of the cores
+    env = setup('auto')  # MKL threads: this process's share of the cores; on CPU, MaxViT's CPU kernels
     import numpy as np
     import paddle
     import paddle.nn.functional as F
+    import maxvit
+    kernels = {'cpu_kernels': maxvit.CPU_KERNELS is not None}
     engine = spec['engine']
     if engine == 'gemm':
         a, b = paddle.rand([GEMM_N, GEMM_N]), paddle.rand([GEMM_N, GEMM_N])
@@ -124,9 +128,9 @@ def _paddle_worker(spec):
             opt.step()
             opt.clear_grad()
             return float(loss)
-        return step, env.device, {}
+        return step, env.device, kernels
     model.eval()
-    info = {'runtime': f'paddle {paddle.__version__}'}
+    info = {'runtime': f'paddle {paddle.__version__}', **kernels}
     if engine == 'eager':
         def step():
             with paddle.no_grad():
@@ -449,7 +453,8 @@ def summarize(w, quiet: float) -> dict:
     row = {'label': w.spec['label'], 'engine': w.spec['engine'], 'batch': w.spec['batch'], 'size': w.spec['size'],
            'median_s': median, 'p50_s': pct(50), 'p90_s': pct(90), 'max_s': t[-1],
            'images_per_sec': w.spec['batch'] / median, 'quiet_iterations': len(q), 'iterations': len(t),
-           'peak_gb': w.peak_gb, 'model_gb': w.delta_gb, 'runtime': w.info.get('runtime')}
+           'peak_gb': w.peak_gb, 'model_gb': w.delta_gb, 'runtime': w.info.get('runtime'),
+           'cpu_kernels': w.info.get('cpu_kernels')}
     for key in ('parity_ref', 'max_abs_diff', 'rel_diff', 'max_abs_logit', 'parity_ok'):
         row[key] = w.info.get(key)
     return row
@@ -556,6 +561,11 @@ def report(rows, args, cpu=None, gemm=None, skipped=()) -> str:
         lines.append(f'% peak below is of {args.gflops:.0f} GFLOP/s (--gflops)')
     if gflop:
         lines.append(f'model: {gflop:.2f} GFLOP per image forward ({Path(args.config).name}, {args.size}x{args.size})')
+    kernels = {r['cpu_kernels'] for r in rows if r.get('cpu_kernels') is not None}
+    if kernels:  # eager and training rows on CPU: common/cpu_kernels.cc, or Paddle's own ops
+        state = ('on' if kernels == {True} else 'off (not built, or MAXVIT_CPU_KERNELS=0)' if kernels == {False}
+                 else 'on in some rows only')
+        lines.append(f'MaxViT CPU kernels (eager and training rows): {state}')
     kind = lambda r: 'train' if r['engine'].endswith('train') or r['engine'].startswith('train') else 'infer'  # noqa
     peers = {}  # (batch, kind) -> (timm eager row, fastest timm row)
     for r in rows:
