@@ -102,7 +102,7 @@ def load() -> bool:
 
 
 def enable() -> bool:
-    """Load the kernels and have maxvit's eager CPU layers use them. Returns whether they are in use."""
+    """Load the kernels and have maxvit's layers use them on the CPU. Returns whether they are in use."""
     import maxvit
     maxvit.CPU_KERNELS = KernelOps() if load() else None
     return maxvit.CPU_KERNELS is not None
@@ -121,7 +121,8 @@ def _run(op: str, tensors: list, *attrs):
 
 
 class KernelOps:
-    """The ops as maxvit calls them (eager mode, float32 CPU tensors; autograd runs back through each)."""
+    """The ops as maxvit calls them: float32 CPU tensors, in eager mode or a static training graph; autograd runs
+    back through each."""
 
     @staticmethod
     def depthwise_conv(x, weight, bias, stride: int, pad_top: int, pad_left: int, out_h: int, out_w: int):
