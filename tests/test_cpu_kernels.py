@@ -3,6 +3,7 @@ model with and without them, and the fallback to Paddle's ops when they cannot b
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import paddle
@@ -196,3 +197,27 @@ def test_kernels_refuse_mismatched_shapes():
         OPS.bias_softmax(paddle.randn([1, 2, 3, 3]), paddle.zeros([7]), 1.0)
     with pytest.raises(Exception, match=r'weight must be \(C, 1, k, k\)'):
         OPS.depthwise_conv(paddle.randn([1, 3, 5, 5]), paddle.ones([4, 1, 3, 3]), paddle.zeros([4]), 1, 1, 1, 5, 5)
+
+
+def test_an_interrupted_build_leaves_nothing_a_later_run_would_load(monkeypatch, tmp_path):
+    """A build writes into a staging directory that becomes the cache entry only when the build finished: a build
+    that fails (or is killed: its staging directory is never renamed) makes the next run build again."""
+    import paddle.utils.cpp_extension as cpp_extension
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+    directory = cpu_kernels.build_dir()
+
+    def interrupted(name, build_directory, **kwargs):  # writes part of a library, then dies
+        (Path(build_directory) / name).mkdir(parents=True)
+        (Path(build_directory) / name / f'{name}.so').write_bytes(b'\x7fELF half a library')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cpp_extension, 'load', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cpu_kernels._build(directory)
+    assert not directory.exists() and list(directory.parent.iterdir()) == []
+
+    # a killed build's staging directory stays behind, but it is not the cache entry: load() builds again
+    (directory.parent / f'{directory.name}.building-12345' / cpu_kernels.NAME).mkdir(parents=True)
+    builds = []
+    monkeypatch.setattr(cpu_kernels, '_loaded', None)
+    monkeypatch.setattr(cpu_kernels, '_build', builds.append)
+    assert cpu_kernels.load() is True and builds == [directory]
