@@ -1,8 +1,9 @@
 // CPU kernels for eager MaxViT training and inference where Paddle's own CPU kernels are the slow part of a step
-// (docs/performance.md has the profiles): the depthwise convolution, GELU, LayerNorm, and the attention's scale +
-// relative-position bias + softmax. float32, contiguous tensors. common/cpu_kernels.py builds this file with
-// paddle.utils.cpp_extension; where it cannot, the model runs on Paddle's ops. Each op has a backward, so Paddle's
-// autograd runs through it; tests/test_cpu_kernels.py checks values and gradients against Paddle's ops.
+// (docs/performance.md has the profiles): the depthwise convolution, GELU, LayerNorm, the attention's scale +
+// relative-position bias + softmax, and (static training graphs) the linear layers. float32, dense tensors.
+// common/cpu_kernels.py builds this file with paddle.utils.cpp_extension; where it cannot, the model runs on
+// Paddle's ops. Each op has a backward, so Paddle's autograd runs through it; tests/test_cpu_kernels.py checks
+// values and gradients against Paddle's ops.
 #include <omp.h>
 
 #include <algorithm>
@@ -438,6 +439,58 @@ std::vector<std::vector<int64_t>> BiasSoftmaxShape(const std::vector<int64_t>& x
   return {x};
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Linear for static training graphs (eager training has maxvit._LinearFn): out = x @ weight + bias, x (rows, in).
+// Paddle's own backward for the bias runs a column sum 8x slower than a GEMM of the same size; this one sums the
+// columns per thread and then across threads, and takes the two matrix gradients from Paddle's matmul.
+// ---------------------------------------------------------------------------------------------------------------
+std::vector<paddle::Tensor> Linear(const paddle::Tensor& x, const paddle::Tensor& weight, const paddle::Tensor& bias) {
+  CheckFloat(x, "x");
+  PD_CHECK(x.shape().size() == 2 && weight.shape().size() == 2 && weight.shape()[0] == x.shape()[1] &&
+               bias.numel() == weight.shape()[1],
+           "x must be (rows, in), weight (in, out) and bias (out,)");
+  auto out = paddle::experimental::matmul(x, weight);  // (rows, out), this op's own tensor: the bias goes in place
+  const int64_t rows = x.shape()[0], n = weight.shape()[1];
+  const float* pb = bias.data<float>();
+  float* po = out.data<float>();
+#pragma omp parallel for num_threads(Threads()) schedule(static)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < n; ++i) po[r * n + i] += pb[i];
+  return {out};
+}
+
+std::vector<paddle::Tensor> LinearGrad(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                       const paddle::Tensor& grad_out) {
+  const int64_t rows = x.shape()[0], n = weight.shape()[1];
+  auto grad_b = paddle::empty({n}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float* pg = grad_out.data<float>();
+  const int threads = Threads();
+  std::vector<float> partial(static_cast<size_t>(threads) * n, 0.0f);
+#pragma omp parallel num_threads(threads)
+  {
+    float* sum = partial.data() + omp_get_thread_num() * n;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < n; ++i) sum[i] += pg[r * n + i];
+  }
+  float* pgb = grad_b.data<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    pgb[i] = 0.0f;
+    for (int t = 0; t < threads; ++t) pgb[i] += partial[t * n + i];
+  }
+  return {paddle::experimental::matmul(grad_out, weight, false, true), paddle::experimental::matmul(x, grad_out, true),
+          grad_b};
+}
+
+std::vector<std::vector<int64_t>> LinearShape(const std::vector<int64_t>& x, const std::vector<int64_t>& w,
+                                              const std::vector<int64_t>& b) {
+  return {{x[0], w[1]}};
+}
+std::vector<std::vector<int64_t>> LinearGradShape(const std::vector<int64_t>& x, const std::vector<int64_t>& w,
+                                                  const std::vector<int64_t>& grad) {
+  return {x, w, {w[1]}};
+}
+
 // Static graphs (to_static training) infer every output's shape and dtype: all float32, each gradient shaped as
 // its input.
 using Dtype = paddle::DataType;
@@ -533,3 +586,17 @@ PD_BUILD_GRAD_OP(maxvit_gelu)
     .SetKernelFn(PD_KERNEL(GeluGrad))
     .SetInferShapeFn(PD_INFER_SHAPE(GeluGradShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(Float32From2));
+
+PD_BUILD_OP(maxvit_linear)
+    .Inputs({"X", "Weight", "Bias"})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(Linear))
+    .SetInferShapeFn(PD_INFER_SHAPE(LinearShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(Float32From3));
+
+PD_BUILD_GRAD_OP(maxvit_linear)
+    .Inputs({"X", "Weight", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("Weight"), paddle::Grad("Bias")})
+    .SetKernelFn(PD_KERNEL(LinearGrad))
+    .SetInferShapeFn(PD_INFER_SHAPE(LinearGradShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(Float32x3From3));

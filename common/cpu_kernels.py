@@ -1,9 +1,10 @@
 """MaxViT's CPU kernels (cpu_kernels.cc): built once per machine and Paddle version with paddle.utils.cpp_extension,
-then handed to maxvit.py, whose layers use them on the CPU in eager mode and in static training graphs (depthwise
-convolution, GELU, LayerNorm, the attention's scale + bias + softmax, each with its backward). Paddle's own CPU
-kernels for these ops took a quarter of an eager MaxViT-T training step (docs/performance.md). enable() is
-called by common.device.setup('cpu'); without a C++ compiler, or with MAXVIT_CPU_KERNELS=0 in the environment,
-the model runs on Paddle's own ops, with the same results to float rounding."""
+then handed to maxvit.py, whose layers use them on the CPU in eager mode and in static training graphs: depthwise
+convolution, GELU, LayerNorm, the attention's scale + bias + softmax, and the linear layers of static training
+graphs, each with its backward. Paddle's own CPU kernels for the first four took a quarter of an eager MaxViT-T
+training step (docs/performance.md). enable() is called by common.device.setup('cpu'); without a C++ compiler,
+or with MAXVIT_CPU_KERNELS=0 in the environment, the model runs on Paddle's own ops, with the same results to
+float rounding."""
 from __future__ import annotations
 
 import contextlib
@@ -138,6 +139,12 @@ class KernelOps:
     def layer_norm(x, weight, bias, eps: float):
         """LayerNorm over the last axis of x (..., C); weight, bias (C,)."""
         return _run('maxvit_layer_norm', [x, weight, bias], eps)
+
+    @staticmethod
+    def linear(x, weight, bias):
+        """x @ weight + bias: (..., in) -> (..., out); weight (in, out), bias (out,)."""
+        out = _run('maxvit_linear', [x.reshape([-1, x.shape[-1]]), weight, bias])  # (tokens, out)
+        return out.reshape(list(x.shape[:-1]) + [weight.shape[1]])
 
     @staticmethod
     def bias_softmax(x, bias, scale: float):

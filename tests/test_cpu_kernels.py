@@ -79,6 +79,14 @@ def test_bias_softmax_matches_paddle(shape):
                 values_and_grads(lambda x, b: F.softmax(x * 0.17 + b, axis=-1), x, b))
 
 
+@pytest.mark.parametrize('shape', [(7, 5, 16), (300, 33)])
+def test_linear_matches_paddle(shape):
+    rng = np.random.RandomState(5)
+    x, w, b = (rng.randn(*shape).astype('float32'), rng.randn(shape[-1], 24).astype('float32'),
+               rng.randn(24).astype('float32'))
+    assert_same(values_and_grads(OPS.linear, x, w, b), values_and_grads(F.linear, x, w, b))
+
+
 @pytest.mark.parametrize('approximate', [False, True])
 def test_gelu_matches_paddle(approximate):
     # the whole float range that matters, tails and zero included, then random values
@@ -163,6 +171,12 @@ def test_kernels_in_eager_and_static_training_but_not_in_exports_or_other_dtypes
     paddle.jit.to_static(training, full_graph=True, input_spec=spec)(paddle.ones([4]))  # traced once
     maxvit.GELU()(paddle.ones([4]))
     assert ops.calls == {'gelu': 2}
+    # Linear: its own C++ op in static training graphs only (eager training has _LinearFn, exports addmm)
+    linear = maxvit.Linear(4, 3)
+    paddle.jit.to_static(linear, full_graph=True, input_spec=[paddle.static.InputSpec([2, 4], 'float32')])(
+        paddle.ones([2, 4]))
+    maxvit.Linear(4, 3)(paddle.ones([2, 4]))
+    assert ops.calls == {'gelu': 2, 'linear': 1}
 
 
 def test_build_failure_falls_back_to_paddle_ops(monkeypatch, tmp_path):
