@@ -1,7 +1,7 @@
 """MaxViT's CPU kernels (cpu_kernels.cc): built once per machine and Paddle version with paddle.utils.cpp_extension,
 then handed to maxvit.py, whose layers use them on the CPU in eager mode and in static training graphs: depthwise
 convolution, GELU, LayerNorm, the attention's scale + bias + softmax, and the linear layers of static training
-graphs, each with its backward. Paddle's own CPU kernels for the first four took a quarter of an eager MaxViT-T
+graphs, each with its backward. Paddle's own CPU kernels for the first four took a third of an eager MaxViT-T
 training step (docs/performance.md). enable() is called by common.device.setup('cpu'); without a C++ compiler,
 or with MAXVIT_CPU_KERNELS=0 in the environment, the model runs on Paddle's own ops, with the same results to
 float rounding."""
