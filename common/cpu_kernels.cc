@@ -27,6 +27,14 @@ int Threads() {
   return threads;
 }
 
+// out[i] = sum over threads t of partial[t * stride + i], i < n: the per-thread sums of a reduction, added up.
+void SumOverThreads(const float* partial, int threads, int64_t stride, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = 0.0f;
+    for (int t = 0; t < threads; ++t) out[i] += partial[t * stride + i];
+  }
+}
+
 void CheckFloat(const paddle::Tensor& t, const char* name) {
   PD_CHECK(t.is_cpu(), name, " must be on the CPU");
   PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, name, " must be float32");
@@ -347,14 +355,8 @@ std::vector<paddle::Tensor> LayerNormGrad(const paddle::Tensor& x, const paddle:
       for (int64_t i = 0; i < n; ++i) out[i] = rstd * (gxw[i] - sum_g - xhat[i] * sum_gx);
     }
   }
-  float *pgw = grad_w.data<float>(), *pgb = grad_b.data<float>();
-  for (int64_t i = 0; i < n; ++i) {
-    pgw[i] = pgb[i] = 0.0f;
-    for (int t = 0; t < threads; ++t) {
-      pgw[i] += partial[t * 2 * n + i];
-      pgb[i] += partial[t * 2 * n + n + i];
-    }
-  }
+  SumOverThreads(partial.data(), threads, 2 * n, n, grad_w.data<float>());
+  SumOverThreads(partial.data() + n, threads, 2 * n, n, grad_b.data<float>());
   return {grad_x, grad_w, grad_b};
 }
 
@@ -426,11 +428,7 @@ std::vector<paddle::Tensor> BiasSoftmaxGrad(const paddle::Tensor& y, const paddl
         }
       }
   }
-  float* pgb = grad_b.data<float>();
-  for (int64_t i = 0; i < per_window; ++i) {
-    pgb[i] = 0.0f;
-    for (int t = 0; t < threads; ++t) pgb[i] += partial[t * per_window + i];
-  }
+  SumOverThreads(partial.data(), threads, per_window, per_window, grad_b.data<float>());
   return {grad_x, grad_b};
 }
 
@@ -473,11 +471,7 @@ std::vector<paddle::Tensor> LinearGrad(const paddle::Tensor& x, const paddle::Te
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t i = 0; i < n; ++i) sum[i] += pg[r * n + i];
   }
-  float* pgb = grad_b.data<float>();
-  for (int64_t i = 0; i < n; ++i) {
-    pgb[i] = 0.0f;
-    for (int t = 0; t < threads; ++t) pgb[i] += partial[t * n + i];
-  }
+  SumOverThreads(partial.data(), threads, n, n, grad_b.data<float>());
   return {paddle::experimental::matmul(grad_out, weight, false, true), paddle::experimental::matmul(x, grad_out, true),
           grad_b};
 }
