@@ -24,19 +24,12 @@ NAME = 'maxvit_cpu_kernels'
 _loaded: Optional[bool] = None  # this process: None = not tried yet, else whether the ops are registered
 
 
-def _cpu_flags() -> str:
-    try:
-        with open('/proc/cpuinfo', encoding='utf-8') as f:
-            return next((line for line in f if line.startswith('flags')), '')
-    except OSError:
-        return ''
-
-
 def build_dir() -> Path:
     """Where the compiled kernels live: one directory per source (the .cc and this file, which holds the build
     flags), Paddle build and CPU (-march=native), under $XDG_CACHE_HOME or ~/.cache."""
+    from common.device import cpu_field  # (common.device imports this module)
     key = hashlib.sha256(SOURCE.read_bytes() + Path(__file__).read_bytes() + paddle.version.full_version.encode()
-                         + paddle.version.commit.encode() + _cpu_flags().encode()).hexdigest()[:16]
+                         + paddle.version.commit.encode() + cpu_field('flags').encode()).hexdigest()[:16]
     cache = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache')
     return cache / 'maxvit_paddle' / f'{NAME}-{key}'
 
@@ -110,14 +103,12 @@ def enable() -> bool:
 
 
 def _run(op: str, tensors: list, *attrs):
-    """Run custom op ``op`` on ``tensors`` (made dense: the kernels read memory row-major, and a strided view, with
-    FLAGS_use_stride_kernel on, is copied first) and ``attrs``; its first output. Under no_grad (and in a PyLayer's
-    forward) the inputs are detached: Paddle 3.x records a backward for custom ops even there, which would keep
-    their inputs alive (inference memory, and the activation _LinearFn recomputes instead of keeping)."""
-    if paddle.in_dynamic_mode():  # (a static training graph: its tensors are dense, its backward is planned)
-        tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
-        if not paddle.is_grad_enabled():
-            tensors = [t.detach() for t in tensors]
+    """Run custom op ``op`` on ``tensors`` and ``attrs``; its first output. (Paddle hands a custom op a dense copy
+    of a strided view, which the kernels need: tested.) Under no_grad (and in a PyLayer's forward) the inputs are
+    detached: Paddle 3.x records a backward for custom ops even there, which would keep their inputs alive
+    (inference memory, and the activation _LinearFn recomputes instead of keeping)."""
+    if paddle.in_dynamic_mode() and not paddle.is_grad_enabled():  # (static graphs plan their backward)
+        tensors = [t.detach() for t in tensors]
     return paddle._C_ops._run_custom_op(op, *tensors, *attrs)[0]
 
 

@@ -68,13 +68,19 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
 
 
-def cpu_vendor() -> str:
-    """'AuthenticAMD', 'GenuineIntel', ... ('' where /proc/cpuinfo does not say)."""
+def cpu_field(name: str) -> str:
+    """The value of the first /proc/cpuinfo line called ``name`` ('vendor_id', 'flags', ...); '' where there is
+    none (no /proc/cpuinfo: not Linux)."""
     try:
         with open('/proc/cpuinfo', encoding='utf-8') as f:
-            return next((line.split(':', 1)[1].strip() for line in f if line.startswith('vendor_id')), '')
+            return next((line.split(':', 1)[1].strip() for line in f if line.split(':', 1)[0].strip() == name), '')
     except OSError:
         return ''
+
+
+def cpu_vendor() -> str:
+    """'AuthenticAMD', 'GenuineIntel', ... ('' where /proc/cpuinfo does not say)."""
+    return cpu_field('vendor_id')
 
 
 def use_cpu_cores() -> int:

@@ -142,6 +142,22 @@ def test_model_with_kernels_equals_model_without(name, size, monkeypatch):
         np.testing.assert_allclose(grads[key], ref, rtol=1e-3, atol=1e-5 * scale, err_msg=key)
 
 
+def test_a_strided_view_reaches_the_kernels_dense():
+    """The kernels read memory row-major; Paddle hands a custom op a dense copy of a strided view (what _run relies
+    on with FLAGS_use_stride_kernel on, Paddle's default)."""
+    before = paddle.get_flags(['FLAGS_use_stride_kernel'])
+    paddle.set_flags({'FLAGS_use_stride_kernel': True})
+    try:
+        x = paddle.to_tensor(np.random.RandomState(6).randn(3, 5, 4).astype('float32'))
+        view = x.transpose([0, 2, 1])                                        # (3, 4, 5), strided
+        assert not view.is_contiguous()
+        w, b = paddle.ones([5]), paddle.zeros([5])
+        assert_same([OPS.layer_norm(view, w, b, 1e-5).numpy()],
+                    [F.layer_norm(view.contiguous(), [5], w, b, 1e-5).numpy()])
+    finally:
+        paddle.set_flags(before)
+
+
 def test_no_backward_recorded_under_no_grad():
     """Paddle records a backward for custom ops even under no_grad; the kernels' wrappers must not (it would keep
     every input alive during inference)."""
