@@ -58,13 +58,22 @@ def test_asking_for_a_gpu_that_is_not_there_is_a_config_error(monkeypatch):
 
 def test_tuned_cpu_reuses_freed_buffers_and_transposes_densely():
     """tune_cpu_eager (setup('cpu')): a freed 24 MB buffer is reused instead of coming fresh from the kernel
-    (page faults counted before and after, in a fresh process: the settings are process-wide), and transposes
-    are dense copies, not strided views."""
+    (page faults counted in a fresh process: the settings are process-wide), and transposes are dense copies,
+    not strided views.
+
+    Faults are counted over 20 buffers after two warm-up ones, as in a training loop. The first reuse can miss:
+    when a small allocation lands next to the freed buffer, Paddle's aligned allocation asks for a little more
+    than the hole, and strace shows the heap growing by a second buffer. Under load that happened in about
+    one process in five, and made the old count (five buffers, warm-up included) flaky. After the warm-up,
+    40 processes under load faulted none of their 20 buffers; the test allows one, where Paddle's defaults
+    fault all of them."""
     code = (
         'import resource, paddle\n'
         'def faults():\n'
+        '    for _ in range(2):                       # warm-up: the first buffer and its first reuse\n'
+        '        paddle.ones([6_000_000])\n'
         '    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n'
-        '    for _ in range(5):\n'
+        '    for _ in range(20):\n'
         '        paddle.ones([6_000_000])\n'
         '    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n'
         'transposed = lambda: paddle.ones([2, 3]).transpose([1, 0]).is_contiguous()\n'
@@ -78,8 +87,8 @@ def test_tuned_cpu_reuses_freed_buffers_and_transposes_densely():
                          capture_output=True, text=True, check=True).stdout.split()
     plain, plain_dense, tuned, tuned_dense = int(out[0]), out[1], int(out[2]), out[3]
     pages = 6_000_000 * 4 // 4096                 # one buffer
-    assert plain >= 4 * pages and plain_dense == 'False'    # Paddle's defaults: every buffer faults, views
-    assert tuned <= 1.5 * pages and tuned_dense == 'True'   # tuned: only the first one
+    assert plain >= 19 * pages and plain_dense == 'False'   # Paddle's defaults: every buffer faults, views
+    assert tuned <= 1.5 * pages and tuned_dense == 'True'   # tuned: at most one of the 20
 
 
 def test_tuning_leaves_a_stride_setting_from_the_environment(monkeypatch):
