@@ -13,6 +13,7 @@ import io
 import os
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -21,6 +22,7 @@ import paddle
 
 SOURCE = Path(__file__).with_name('cpu_kernels.cc')
 NAME = 'maxvit_cpu_kernels'
+UNUSED_DAYS = 30  # a build no process has loaded for this long is deleted when another one is built
 _loaded: Optional[bool] = None  # this process: None = not tried yet, else whether the ops are registered
 
 
@@ -61,6 +63,31 @@ def _build(directory: Path) -> None:
         os.replace(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the build is done; a cache we cannot tidy is no reason to fail it
+        prune(directory)
+
+
+def prune(keep: Path, unused_days: float = UNUSED_DAYS) -> list:
+    """Delete the other builds beside ``keep`` (other sources, Paddle versions or CPUs) that no process has loaded
+    for ``unused_days`` (load() touches a build each time it loads it), with their lock files, and staging
+    directories that killed builds left behind. About 4 MB each; they piled up with every upgrade. A build that a
+    process is loading right now (it holds the build's lock) is left alone. Returns what it deleted."""
+    import fcntl  # (Linux only: called by load(), after a build)
+    deleted, cutoff = [], time.time() - unused_days * 86400
+    for path in keep.parent.glob(f'{NAME}-*'):
+        if path == keep or path.suffix == '.lock' or not path.exists():
+            continue
+        with open(path.with_name(path.name + '.lock'), 'w') as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if path.stat().st_mtime > cutoff:
+                    continue
+            except OSError:  # being loaded or built by another process, or already deleted by one
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            Path(lock.name).unlink(missing_ok=True)
+        deleted.append(path)
+    return deleted
 
 
 def load() -> bool:
@@ -84,6 +111,8 @@ def load() -> bool:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if library.is_file():
                     load_op_meta_info_and_register_op(str(library))
+                    with contextlib.suppress(OSError):  # the last use, for prune() (a read-only cache: no matter)
+                        os.utime(directory)
                 else:
                     _build(directory)  # cpp_extension.load registers the ops too
     except Exception as e:  # no compiler, a read-only home, a failed compile: run on Paddle's own ops

@@ -3,6 +3,7 @@ model with and without them, and the fallback to Paddle's ops when they cannot b
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +252,46 @@ def test_an_interrupted_build_leaves_nothing_a_later_run_would_load(monkeypatch,
     monkeypatch.setattr(cpu_kernels, '_loaded', None)
     monkeypatch.setattr(cpu_kernels, '_build', builds.append)
     assert cpu_kernels.load() is True and builds == [directory]
+
+
+def test_builds_unused_for_a_month_are_deleted_when_another_is_built(monkeypatch, tmp_path):
+    """Each source, Paddle version and CPU has its own build (about 4 MB). A new build deletes the ones no process
+    has loaded for UNUSED_DAYS, their lock files and killed builds' staging directories, but not one that a process
+    is loading (it holds the lock); loading a build marks it used."""
+    import fcntl
+    import paddle.utils.cpp_extension as cpp_extension
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+    directory = cpu_kernels.build_dir()
+    cache, name = directory.parent, cpu_kernels.NAME
+
+    def entry(entry_name, age_days):  # a build (or staging directory) last used age_days ago, with its lock file
+        path = cache / entry_name
+        (path / name).mkdir(parents=True)
+        (path / name / f'{name}.so').write_bytes(b'')
+        (cache / f'{entry_name}.lock').write_text('')
+        os.utime(path, (time.time() - age_days * 86400,) * 2)
+        return path
+    entry(f'{name}-00000000', 31)                              # an old Paddle version's build
+    entry(f'{name}-11111111.building-99', 31)                  # a build killed a month ago
+    recent = entry(f'{name}-22222222', 29)                     # another Paddle version, still in use
+    busy = entry(f'{name}-33333333', 31)                       # old, but a process is loading it right now
+    (cache / 'something-else').mkdir()
+    os.utime(cache / 'something-else', (0, 0))
+
+    def built(name, build_directory, **kwargs):                # what cpp_extension.load leaves
+        (Path(build_directory) / name).mkdir(parents=True)
+        (Path(build_directory) / name / f'{name}.so').write_bytes(b'')
+    monkeypatch.setattr(cpp_extension, 'load', built)
+    with open(cache / f'{busy.name}.lock') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cpu_kernels._build(directory)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [directory.name, recent.name, f'{recent.name}.lock', busy.name, f'{busy.name}.lock', 'something-else'])
+
+    # loading a cached build marks it used, so that other builds' prune keeps it
+    os.utime(directory, (time.time() - 40 * 86400,) * 2)
+    monkeypatch.setattr(cpp_extension, 'load_op_meta_info_and_register_op', lambda library: None)
+    monkeypatch.setattr(cpu_kernels, '_loaded', None)
+    assert cpu_kernels.load() is True
+    assert time.time() - directory.stat().st_mtime < 60
+    assert cpu_kernels.prune(recent) == [busy] and directory.exists()          # busy: no longer loading
