@@ -268,6 +268,32 @@ def test_onnx_export_matches_the_paddle_model(tmp_path, layout, size):
 
 
 @needs_onnx
+def test_openvino_profile_counts_the_models_matrix_products(capsys):
+    """tools/profile_openvino.py: per-layer times of the exported model in OpenVINO, and the FLOPs of its matrix
+    products read off OpenVINO's compiled graph: its convolutions and fully-connected layers must have exactly the
+    FLOPs that tools/flops.py counts for the Paddle model's convolutions and linear layers. Attention matmuls run
+    inside OpenVINO's attention kernel, except in padded (masked) windows, where they are MatMul rows."""
+    import tools.flops
+    import tools.profile_openvino as profile_openvino
+    overrides = OVERRIDES + LAYOUTS['official']
+    argv = ['-c', CONFIG] + [a for o in overrides for a in ('-o', o)]
+    results = profile_openvino.main(argv + ['--batch', '1', '3', '--warmup', '1', '--rounds', '2', '--gflops', '100'])
+    counted = tools.flops.count(build_model(load_config(CONFIG, overrides)), 32, 32)
+    macs = sum(counted['macs'].values()) - sum(counted['attention_macs'].values())
+    attention = sum(counted['attention_macs'].values())
+    for batch, rows in results.items():
+        products = sum(flop for (kind, _), (_, _, flop) in rows.items() if kind != 'MatMul')
+        matmuls = sum(flop for (kind, _), (_, _, flop) in rows.items() if kind == 'MatMul')
+        assert np.isclose(products, 2 * batch * macs / 1e9, rtol=1e-9, atol=0)
+        assert 0 < matmuls <= 2 * batch * attention / 1e9  # this size pads the last stage's 1x1 map
+        kinds = {kind for kind, _ in rows}
+        assert {'FullyConnected', 'Convolution', 'Subgraph (attention)'} <= kinds
+        assert all(count > 0 and ms > 0 for count, ms, _ in rows.values())
+    out = capsys.readouterr().out
+    assert out.startswith('CPU: ') and 'ISA: ' in out and out.count('% GEMM') == 2 and 'batch 3, 32x32' in out
+
+
+@needs_onnx
 def test_onnx_by_default_that_fails_is_a_note(run, tmp_path, monkeypatch, capsys):
     """Where paddle2onnx is installed the .onnx is written unasked, so a conversion that fails leaves the Paddle model
     and a note (with --onnx it is an error, as test_onnx_without_paddle2onnx_says_how_to_install shows)."""

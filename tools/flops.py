@@ -50,8 +50,10 @@ def _group(name: str) -> str:
 
 
 def count(model: maxvit.MaxViT, height: int, width: int) -> dict:
-    """{'macs': {group: n}, 'other': {group: n}, 'params': {group: n}} for one image of height x width."""
-    macs, other = defaultdict(int), defaultdict(int)
+    """{'macs': {group: n}, 'other': {group: n}, 'params': {group: n}, 'attention_macs': {group: n}} for one image
+    of height x width; attention_macs is the part of macs in the two attention matmuls (the rest: convolutions
+    and linear layers)."""
+    macs, other, attention = defaultdict(int), defaultdict(int), defaultdict(int)
 
     def hook_for(group):
         def hook(layer, inputs, output):
@@ -66,6 +68,7 @@ def count(model: maxvit.MaxViT, height: int, width: int) -> dict:
             elif isinstance(layer, maxvit.Rel_Attention):
                 windows, n, c = x.shape
                 macs[group] += 2 * windows * n * n * c                 # QK^T and AV over all heads
+                attention[group] += 2 * windows * n * n * c
                 other[group] += 3 * windows * layer.num_heads * n * n  # scale, bias add, softmax
             elif isinstance(layer, (nn.LayerNorm, nn.BatchNorm2D, nn.GELU, nn.Silu, nn.Sigmoid, nn.Tanh)):
                 other[group] += _numel(output)
@@ -91,7 +94,7 @@ def count(model: maxvit.MaxViT, height: int, width: int) -> dict:
             params[_group(name)] += _numel(p)
     order = ['stem'] + [f'stage {i + 1}' for i in range(len(model.max_blocks))] + ['head']
     return {kind: {g: d.get(g, 0) for g in order} for kind, d in
-            (('macs', macs), ('other', other), ('params', params))}
+            (('macs', macs), ('other', other), ('params', params), ('attention_macs', attention))}
 
 
 def format_table(result: dict) -> str:

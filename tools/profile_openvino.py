@@ -1,0 +1,125 @@
+"""Where OpenVINO spends its time on MaxViT: the exported .onnx run with OpenVINO's per-layer counters (PERF_COUNT),
+summed by layer type and kernel, with the FLOPs of the matrix products and the rate they reach.
+
+    python tools/profile_openvino.py -c configs/maxvit_t_tf_224.yaml --batch 1 8
+    python tools/profile_openvino.py -c configs/maxvit_t_tf_224.yaml --batch 8 --gflops 210   # % of a GEMM rate
+
+The model is the config's (random weights unless Global.pretrained_model), exported as tools/export.py does and
+compiled as tools/predict.py runs it on the CPU (tools.export.openvino_runner's settings: fp32, latency mode, this
+process's cores as threads, OpenVINO's attention kernels on). OpenVINO reports each fused kernel once: a
+fully-connected or convolution row includes what OpenVINO fused into it (bias, GELU, BatchNorm), and "Subgraph"
+rows are kernels that OpenVINO generates for chains of elementwise ops (attention: those with a softmax). The
+times are the counters' (their sum is close to the wall time of an inference); rows are the mean over --rounds
+inferences after --warmup. docs/performance.md (fourth round) reads this table.
+"""
+import argparse
+import math
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common  # noqa: E402,F401  (first: it silences known third-party noise before Paddle loads)
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+
+import tools.export as ex  # noqa: E402
+from common.config import add_config_args, build_model, load_config  # noqa: E402
+from common.device import cpu_cores, setup  # noqa: E402
+from tools.benchmark import cpu_info, cpu_lines  # noqa: E402
+
+MATRIX_LAYERS = ('FullyConnected', 'Convolution', 'GroupConvolution', 'MatMul')
+
+
+def layer_flops(op) -> int:
+    """FLOPs (2 per multiply-add) of one runtime-model op of a MATRIX_LAYERS type, from its static shapes."""
+    shapes = [list(op.input(i).get_shape()) for i in range(op.get_input_size())]
+    out = list(op.output(0).get_shape())
+    kind = op.get_rt_info()['layerType'].astype(str)
+    if kind == 'Convolution':                                   # weight (out, in, kh, kw)
+        return 2 * math.prod(out) * math.prod(shapes[1][1:])
+    if kind == 'GroupConvolution':                              # weight (groups, out/g, in/g, kh, kw)
+        return 2 * math.prod(out) * math.prod(shapes[1][2:])
+    return 2 * math.prod(out) * shapes[0][-1]                   # (..., K) x (K, N)
+
+
+def profile(onnx_file: str, batch_shape, threads: int, warmup: int, rounds: int) -> dict:
+    """{(layer type, kernel): [count per inference, ms per inference, GFLOP per inference]} for one compiled
+    batch shape."""
+    ov = ex.import_optional('openvino', 'the OpenVINO profile')
+    core = ov.Core()
+    model = core.read_model(onnx_file)
+    model.reshape({model.inputs[0].get_any_name(): list(batch_shape)})
+    config = dict(ex.OPENVINO_CPU, INFERENCE_NUM_THREADS=threads, PERF_COUNT=True)
+    compiled = core.compile_model(model, 'CPU', config)
+    request = compiled.create_infer_request()
+    ops = {op.get_friendly_name(): op for op in compiled.get_runtime_model().get_ordered_ops()}
+    x = np.random.default_rng(0).standard_normal(batch_shape).astype(np.float32)
+    for _ in range(warmup):
+        request.infer([x])
+    rows = defaultdict(lambda: [0, 0.0, 0.0])
+    for _ in range(rounds):
+        request.infer([x])
+        for layer in request.get_profiling_info():
+            op = ops.get(layer.node_name)
+            kind = layer.node_type
+            if kind == 'Subgraph' and op is not None:
+                kind += ' (attention)' if 'Softmax' in op.get_rt_info()['originalLayersNames'].astype(str) \
+                    else ' (elementwise)'
+            row = rows[kind, layer.exec_type]
+            row[0] += 1 / rounds
+            row[1] += layer.real_time.total_seconds() * 1e3 / rounds
+            if op is not None and layer.node_type in MATRIX_LAYERS:
+                row[2] += layer_flops(op) / 1e9 / rounds
+    return {key: row for key, row in rows.items() if row[1] > 0}
+
+
+def table(rows: dict, gflops=None) -> str:
+    total = sum(row[1] for row in rows.values())
+    lines = [f"{'layer type':30s} {'kernel':26s} {'count':>5s} {'ms':>8s} {'share':>6s} {'GFLOP':>7s} "
+             f"{'GFLOP/s':>8s}" + ('  % GEMM' if gflops else '')]
+    for (kind, kernel), (count, ms, flop) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
+        rate = flop / ms * 1e3 if flop else None
+        lines.append((f'{kind:30s} {kernel:26s} {count:5.0f} {ms:8.2f} {100 * ms / total:5.1f}% '
+                      + (f'{flop:7.2f} {rate:8.1f}' + (f'  {100 * rate / gflops:5.0f}%' if gflops else '')
+                         if rate else '')).rstrip())
+    flop = sum(row[2] for row in rows.values())
+    lines.append(f"{'total':30s} {'':26s} {'':5s} {total:8.2f} {'100%':>6s} {flop:7.2f}")
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    parser = add_config_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument('--batch', type=int, nargs='+', default=[1, 8])
+    parser.add_argument('--size', type=int, nargs=2, metavar=('H', 'W'), help='default: Data.img_size')
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--gflops', type=float, help="this machine's GEMM rate (tools/benchmark.py --gflops auto "
+                                                     "prints it): adds each row's %% of it")
+    args = parser.parse_args(argv)
+    setup('cpu')
+    cfg = load_config(args.config, args.override)
+    paddle.seed(0)
+    model = build_model(cfg)
+    if cfg['Global']['pretrained_model']:
+        from common.checkpoint import load_pretrained
+        load_pretrained(model, cfg['Global']['pretrained_model'], ema=cfg['Global']['eval_weights'] == 'ema')
+    size = args.size or [cfg['Data']['img_size']] * 2
+    input_shape = [cfg['Model']['input_dim'], *size]
+    threads = cpu_cores()
+    print('\n'.join(cpu_lines(cpu_info())))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_file = ex.export_onnx(model, str(Path(tmp) / 'model'), input_shape)
+        for batch in args.batch:
+            results[batch] = profile(onnx_file, [batch, *input_shape], threads, args.warmup, args.rounds)
+            print(f'\n{Path(args.config).name}, batch {batch}, {size[0]}x{size[1]}, fp32, {threads} threads, '
+                  f'mean of {args.rounds} inferences')
+            print(table(results[batch], args.gflops))
+    return results
+
+
+if __name__ == '__main__':
+    main()
