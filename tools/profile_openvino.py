@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 import tools.export as ex  # noqa: E402
-from common.config import add_config_args, build_model, load_config  # noqa: E402
+from common.checkpoint import CheckpointError  # noqa: E402
+from common.config import ConfigError, add_config_args, build_model, load_config  # noqa: E402
 from common.device import cpu_cores, setup  # noqa: E402
 from tools.benchmark import cpu_info, cpu_lines  # noqa: E402
 
@@ -99,6 +100,7 @@ def main(argv=None):
     parser.add_argument('--gflops', type=float, help="this machine's GEMM rate (tools/benchmark.py --gflops auto "
                                                      "prints it): adds each row's %% of it")
     args = parser.parse_args(argv)
+    ex.import_optional('openvino', 'the OpenVINO profile')  # before the export, which takes seconds
     setup('cpu')
     cfg = load_config(args.config, args.override)
     paddle.seed(0)
@@ -122,4 +124,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except (ConfigError, CheckpointError, ex.ExportError) as e:
+        sys.exit(f'error: {e}')
