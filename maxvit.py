@@ -310,12 +310,13 @@ class Linear(nn.Linear):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         if not _cpu_bias_path(self, x):
             return super().forward(x)
-        kernels = _cpu_kernels_for(self, x)
         if paddle.in_dynamic_mode():
             if paddle.is_grad_enabled() and math.prod(x.shape[:-1]) * self.weight.shape[1] >= self.LINEAR_FN_MIN:
                 return _LinearFn.apply(x, self.weight, self.bias)
-        elif kernels is not None:  # a static training graph: the same bias gradient, in C++
-            return kernels.linear(x, self.weight, self.bias)
+        else:  # a static training graph: the same bias gradient, in C++ (traced once, not per step)
+            kernels = _cpu_kernels_for(self, x)
+            if kernels is not None:
+                return kernels.linear(x, self.weight, self.bias)
         return _addmm_linear(x, self.weight, self.bias)
 
 
