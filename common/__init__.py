@@ -2,7 +2,8 @@
 noise, each piece silenced by its exact text, so that every other warning (the project's own included) shows.
 
 Importing the package first (the scripts do, before Paddle) silences Python-level noise:
-* "No ccache found ..." (Paddle, at import: about compiling C++ extensions, which nothing here does);
+* "No ccache found ..." (Paddle, at import: ccache would only speed up recompiling C++ extensions; MaxViT's CPU
+  kernels compile once per machine and Paddle version, common/cpu_kernels.py);
 * "When training, we now always track global mean and variance." (Paddle's BatchNorm, every training forward);
 * "Tensor do not have 'place' interface for pir graph mode" (Paddle, while paddle.jit.save traces a model);
 * "DataLoader N workers exit unexpectedly" (Paddle's reader thread, at the end of an epoch whose workers had
