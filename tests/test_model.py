@@ -285,6 +285,28 @@ def test_reset_classifier_for_fine_tuning():
     assert float(model.proj.bias.abs().sum()) == 0 and 0 < float(model.proj.weight.std()) < 0.03
 
 
+@pytest.mark.parametrize('cls', [Window_Block, Grid_Block])
+def test_attention_block_drop_path_drops_whole_images_not_windows(cls):
+    """The blocks run on partitioned windows (B*num_windows, N, C); stochastic depth must still drop an image's
+    branch in all of its windows at once. With the MLP's output zeroed, out == x exactly where attention was
+    dropped; a 14x21 map (6 windows per image, one padded row of windows with 10x9) must be all or none."""
+    paddle.seed(0)
+    for hw in [(14, 21), (10, 9)]:
+        block = cls(8, (7, 7), 2, drop_path=0.5)
+        block.mlp.fc2.weight.set_value(paddle.zeros_like(block.mlp.fc2.weight))
+        block.mlp.fc2.bias.set_value(paddle.zeros_like(block.mlp.fc2.bias))
+        x = paddle.randn([64, *hw, 8])
+        block.eval()
+        branch = (block(x) - x).numpy()
+        block.train()
+        got = (block(x) - x).numpy()
+        per_pixel = (np.abs(got) == 0).all(-1).reshape(64, -1)      # branch dropped at this pixel
+        dropped = per_pixel.all(1)
+        assert (per_pixel.any(1) == dropped).all()                  # an image is dropped everywhere or nowhere
+        assert 10 < dropped.sum() < 54
+        np.testing.assert_allclose(got[~dropped], branch[~dropped] / 0.5, rtol=1e-4, atol=1e-5)
+
+
 def test_mbconv_drop_path_drops_its_branch_per_sample():
     """MBConv's stochastic depth (the article's unused ``dropout`` argument is gone): in training each sample's
     residual branch is either dropped (output = shortcut) or scaled by 1/keep."""
@@ -342,8 +364,10 @@ def test_padded_attention_matches_brute_force(cls, hw):
     block = cls(8, (7, 7), 2)
     block.eval()
     x = paddle.randn([1, *hw, 8])
-    ours = block._attend(x).numpy()[0]
-    np.testing.assert_allclose(ours, reference_attention(block, x.numpy()[0]), atol=2e-5)
+    # the block with the attention computed query by query on the unpadded map (padding, if any, must not show)
+    y = x + paddle.to_tensor(reference_attention(block, block.norm1(x).numpy()[0])[None], dtype='float32')
+    y = y + block.mlp(block.norm2(y))
+    np.testing.assert_allclose(block(x).numpy(), y.numpy(), atol=2e-5)
 
 
 def test_bad_input_shapes_say_what_was_expected():
