@@ -23,7 +23,7 @@ One row per attention head, four panels each:
    windows (the residual connections add the query's own window, which that union already holds).
 
 The weights are the model's own: forward pre-hooks on the chosen Window_Block/Grid_Block's Rel_Attention capture
-its real input during one forward pass (normalised, partitioned, padded, with the padding mask), and
+its real input during one forward pass (padded, partitioned, normalised, with the padding mask), and
 Rel_Attention.attention_weights is called on exactly that. Padded keys (a map that does not divide by the window
 or grid size) get zero weight and are cropped away. attention_maps() returns the plotted arrays.
 """
