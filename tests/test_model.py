@@ -289,7 +289,7 @@ def test_reset_classifier_for_fine_tuning():
 def test_attention_block_drop_path_drops_whole_images_not_windows(cls):
     """The blocks run on partitioned windows (B*num_windows, N, C); stochastic depth must still drop an image's
     branch in all of its windows at once. With the MLP's output zeroed, out == x exactly where attention was
-    dropped; a 14x21 map (6 windows per image, one padded row of windows with 10x9) must be all or none."""
+    dropped, and each image must be all or none: an unpadded 14x21 map (6 windows per image) and a padded 10x9 one."""
     paddle.seed(0)
     for hw in [(14, 21), (10, 9)]:
         block = cls(8, (7, 7), 2, drop_path=0.5)
