@@ -406,22 +406,12 @@ ISA_FLAGS = ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_tile',
 
 def cpu_info() -> dict:
     """The CPU model and the ISA flags that matter for these kernels, from /proc/cpuinfo (Linux)."""
-    fields = {}
-    try:
-        with open('/proc/cpuinfo', encoding='utf-8') as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor is enough
-                key, _, value = line.partition(':')
-                fields[key.strip()] = value.strip()
-    except OSError:
-        pass
-    flags = set(fields.get('flags', '').split())
-    model = fields.get('model name') or platform.processor() or 'unknown CPU'
-    if 'cpu family' in fields:
-        model += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    return {'cpu_model': model, 'cpu_cores': cores, 'cpu_flags': [f for f in ISA_FLAGS if f in flags],
+    from common.device import cpu_cores, cpu_field
+    flags = set(cpu_field('flags').split())
+    model = cpu_field('model name') or platform.processor() or 'unknown CPU'
+    if cpu_field('cpu family'):
+        model += f" (family {cpu_field('cpu family')} model {cpu_field('model') or '?'})"
+    return {'cpu_model': model, 'cpu_cores': cpu_cores(), 'cpu_flags': [f for f in ISA_FLAGS if f in flags],
             'cpu_flags_absent': [f for f in ISA_FLAGS if f not in flags] if flags else []}
 
 

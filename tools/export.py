@@ -35,7 +35,7 @@ import math
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -241,13 +241,12 @@ OPENVINO_CPU = {'INFERENCE_PRECISION_HINT': 'f32', 'PERFORMANCE_HINT': 'LATENCY'
 OPENVINO_WITHOUT_SNIPPETS = {'SNIPPETS_MODE': 'DISABLE'}
 
 
-def openvino_runner(model_files: Union[str, Tuple[str, ...]], threads: Optional[int] = None,
-                    config: Optional[Dict] = None) -> Tuple[Callable[[np.ndarray], np.ndarray], str]:
-    """(run, 'OpenVINO VERSION') for the model in ``model_files`` (PREFIX.onnx, or files OpenVINO reads together)
-    on the CPU with ``threads`` threads (default: every core this process may use) and OPENVINO_CPU plus ``config``.
-    run(batch) returns the first output. The model is compiled for each input shape the first time it sees it
-    (about 1 s for MaxViT-T): static shapes ran 10-25% faster than one compile with a dynamic batch size
-    (MaxViT-T, batch 1 and 8)."""
+def openvino_compiler(model_files: Union[str, Tuple[str, ...]], threads: Optional[int] = None,
+                      config: Optional[Dict] = None) -> Tuple[Callable[[Sequence[int]], Any], str]:
+    """(compile, 'OpenVINO VERSION') for the model in ``model_files`` (PREFIX.onnx, or files OpenVINO reads
+    together): compile(input shape) returns an openvino.CompiledModel of it for that static shape, on the CPU with
+    ``threads`` threads (default: every core this process may use) and OPENVINO_CPU plus ``config``. Reading and
+    compiling errors are ExportErrors that name the files."""
     ov = import_optional('openvino', 'the OpenVINO engine')
     version = ov.__version__.split('-')[0]
     core = ov.Core()
@@ -260,20 +259,33 @@ def openvino_runner(model_files: Union[str, Tuple[str, ...]], threads: Optional[
                                                                                          'OPTIMIZATION_CAPABILITIES'):
         raise ExportError('bf16 needs a CPU with bfloat16 arithmetic (AVX512-BF16 or AMX: /proc/cpuinfo flags '
                           'avx512_bf16, amx_bf16), which OpenVINO does not find here: use fp32')
+
+    def compile_for(shape: Sequence[int]):
+        model = source.clone()
+        try:
+            model.reshape({model.inputs[0].get_any_name(): list(shape)})
+            return core.compile_model(model, 'CPU', config)
+        except RuntimeError as e:
+            raise ExportError(f'OpenVINO {version} cannot compile {model_files} for input '
+                              f'{list(shape)}: {str(e).strip().splitlines()[-1]}') from None
+    return compile_for, f'OpenVINO {version}'
+
+
+def openvino_runner(model_files: Union[str, Tuple[str, ...]], threads: Optional[int] = None,
+                    config: Optional[Dict] = None) -> Tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """(run, 'OpenVINO VERSION') for the model in ``model_files``, compiled as openvino_compiler does.
+    run(batch) returns the first output. The model is compiled for each input shape the first time it sees it
+    (about 1 s for MaxViT-T): static shapes ran 10-25% faster than one compile with a dynamic batch size
+    (MaxViT-T, batch 1 and 8)."""
+    compile_for, version = openvino_compiler(model_files, threads, config)
     requests = {}  # input shape -> infer request of the model compiled for it
 
     def run(batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.shape not in requests:
-            model = source.clone()
-            try:
-                model.reshape({model.inputs[0].get_any_name(): list(batch.shape)})
-                requests[batch.shape] = core.compile_model(model, 'CPU', config).create_infer_request()
-            except RuntimeError as e:
-                raise ExportError(f'OpenVINO {version} cannot compile {model_files} for input '
-                                  f'{list(batch.shape)}: {str(e).strip().splitlines()[-1]}') from None
+            requests[batch.shape] = compile_for(batch.shape).create_infer_request()
         return requests[batch.shape].infer([batch])[0].copy()  # the request reuses its output buffer
-    return run, f'OpenVINO {version}'
+    return run, version
 
 
 def onnxruntime_runner(onnx_file: str, threads: Optional[int] = None

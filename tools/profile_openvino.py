@@ -5,7 +5,7 @@ summed by layer type and kernel, with the FLOPs of the matrix products and the r
     python tools/profile_openvino.py -c configs/maxvit_t_tf_224.yaml --batch 8 --gflops 210   # % of a GEMM rate
 
 The model is the config's (random weights unless Global.pretrained_model), exported as tools/export.py does and
-compiled as tools/predict.py runs it on the CPU (tools.export.openvino_runner's settings: fp32, latency mode, this
+compiled as tools/predict.py runs it on the CPU (tools.export.openvino_compiler's settings: fp32, latency mode, this
 process's cores as threads, OpenVINO's attention kernels on). OpenVINO reports each fused kernel once: a
 fully-connected or convolution row includes what OpenVINO fused into it (bias, GELU, BatchNorm), and "Subgraph"
 rows are kernels that OpenVINO generates for chains of elementwise ops (attention: those with a softmax). The
@@ -49,12 +49,8 @@ def layer_flops(op) -> int:
 def profile(onnx_file: str, batch_shape, threads: int, warmup: int, rounds: int) -> dict:
     """{(layer type, kernel): [count per inference, ms per inference, GFLOP per inference]} for one compiled
     batch shape."""
-    ov = ex.import_optional('openvino', 'the OpenVINO profile')
-    core = ov.Core()
-    model = core.read_model(onnx_file)
-    model.reshape({model.inputs[0].get_any_name(): list(batch_shape)})
-    config = dict(ex.OPENVINO_CPU, INFERENCE_NUM_THREADS=threads, PERF_COUNT=True)
-    compiled = core.compile_model(model, 'CPU', config)
+    compile_for, _ = ex.openvino_compiler(onnx_file, threads, {'PERF_COUNT': True})
+    compiled = compile_for(batch_shape)
     request = compiled.create_infer_request()
     ops = {op.get_friendly_name(): op for op in compiled.get_runtime_model().get_ordered_ops()}
     x = np.random.default_rng(0).standard_normal(batch_shape).astype(np.float32)
