@@ -19,6 +19,7 @@ from PIL import Image
 import maxvit
 import tools.export as export
 import tools.predict as predict
+from tools.benchmark import trained_like_weights
 from common.checkpoint import load_file, load_pretrained
 from common.config import ConfigError, build_model, load_config
 from common.data import DataError
@@ -190,26 +191,6 @@ SMALL_ARGS = dict(stage_num_block=[1, 1, 1, 1], stem_dim=8, stage_dim=16, num_he
                   grid_size=[2, 2], num_classes=10)
 
 
-def random_weights(model, seed=0):
-    """A state dict whose activations are O(1) all the way through (fan-in scaled weights, random BatchNorm
-    statistics), unlike the 0.02-std initialisation: the tanh and exact GELU then differ by ~4e-4 on the logits."""
-    rng = np.random.default_rng(seed)
-    state = {}
-    for k, v in model.state_dict().items():
-        shape = v.shape
-        if k.endswith('_variance'):
-            value = rng.uniform(0.5, 1.5, shape)
-        elif k.endswith('relative_bias_table'):
-            value = rng.normal(0, 0.5, shape)
-        elif len(shape) in (2, 4):                                   # Linear [in, out], Conv2D [out, in, k, k]
-            fan_in = shape[0] if len(shape) == 2 else int(np.prod(shape[1:]))
-            value = rng.normal(0, fan_in ** -0.5, shape)
-        else:                                                        # biases, norm weights (around 1), means
-            value = rng.normal(1.0 if k.endswith('weight') else 0.0, 0.1, shape)
-        state[k] = paddle.to_tensor(value.astype('float32'))
-    return state
-
-
 def test_tanh_gelu_written_out_equals_paddles_and_is_put_back():
     x = paddle.linspace(-8, 8, 4001)
     np.testing.assert_allclose(export.TanhGELU()(x).numpy(), paddle.nn.GELU(approximate=True)(x).numpy(),
@@ -236,7 +217,7 @@ def test_onnx_export_matches_the_paddle_model(tmp_path, layout, size):
     overrides = OVERRIDES + LAYOUTS[layout]
     cfg = load_config(CONFIG, overrides)
     model = build_model(cfg)
-    model.set_state_dict(random_weights(model))
+    model.set_state_dict(trained_like_weights(model))
     weights = tmp_path / 'weights.pdparams'
     paddle.save(model.state_dict(), str(weights))
     argv = ['-c', CONFIG] + [a for o in overrides + [f'Global.pretrained_model={weights}'] for a in ('-o', o)]

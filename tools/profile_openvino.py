@@ -4,12 +4,12 @@ summed by layer type and kernel, with the FLOPs of the matrix products and the r
     python tools/profile_openvino.py -c configs/maxvit_t_tf_224.yaml --batch 1 8
     python tools/profile_openvino.py -c configs/maxvit_t_tf_224.yaml --batch 8 --gflops 210   # % of a GEMM rate
 
-The model is the config's (random weights unless Global.pretrained_model), exported as tools/export.py does and
-compiled as tools/predict.py runs it on the CPU (tools.export.openvino_compiler's settings: fp32, latency mode, this
-process's cores as threads, OpenVINO's attention kernels on). OpenVINO reports each fused kernel once: a
-fully-connected or convolution row includes what OpenVINO fused into it (bias, GELU, BatchNorm), and "Subgraph"
-rows are kernels that OpenVINO generates for chains of elementwise ops (attention: those with a softmax). The
-times are the counters' (their sum is close to the wall time of an inference); rows are the mean over --rounds
+The model is the config's (Global.pretrained_model, or tools.benchmark.trained_like_weights), exported as
+tools/export.py does and compiled as tools/predict.py runs it on the CPU (tools.export.openvino_compiler's settings:
+fp32, latency mode, this process's cores as threads, OpenVINO's attention kernels on). OpenVINO reports each fused
+kernel once: a fully-connected or convolution row includes what OpenVINO fused into it (bias, GELU, BatchNorm), and
+"Subgraph" rows are kernels that OpenVINO generates for chains of elementwise ops (attention: those with a softmax).
+The times are the counters' (their sum is close to the wall time of an inference); rows are the mean over --rounds
 inferences after --warmup. docs/performance.md (fourth round) reads this table.
 """
 import argparse
@@ -29,7 +29,7 @@ import tools.export as ex  # noqa: E402
 from common.checkpoint import CheckpointError  # noqa: E402
 from common.config import ConfigError, add_config_args, build_model, load_config  # noqa: E402
 from common.device import cpu_cores, setup  # noqa: E402
-from tools.benchmark import cpu_info, cpu_lines  # noqa: E402
+from tools.benchmark import cpu_info, cpu_lines, trained_like_weights  # noqa: E402
 
 MATRIX_LAYERS = ('FullyConnected', 'Convolution', 'GroupConvolution', 'MatMul')
 
@@ -104,6 +104,8 @@ def main(argv=None):
     if cfg['Global']['pretrained_model']:
         from common.checkpoint import load_pretrained
         load_pretrained(model, cfg['Global']['pretrained_model'], ema=cfg['Global']['eval_weights'] == 'ema')
+    else:
+        model.set_state_dict(trained_like_weights(model))
     size = args.size or [cfg['Data']['img_size']] * 2
     input_shape = [cfg['Model']['input_dim'], *size]
     threads = cpu_cores()
