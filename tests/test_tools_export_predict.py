@@ -249,6 +249,37 @@ def test_onnx_export_matches_the_paddle_model(tmp_path, layout, size):
 
 
 @needs_onnx
+def test_openvino_runs_an_even_batch_as_two_halves_at_once(tmp_path, monkeypatch):
+    """tools.export.openvino_runner: with two threads or more, a batch of an even size runs as its two halves at once
+    (a model compiled for half the batch with two streams, one request per half), with the values of the images run
+    one by one and of the Paddle model; an odd batch, or one thread, runs as one request."""
+    import openvino
+    model = maxvit.MaxViT(dict(maxvit.tiny_tf_args, **SMALL_ARGS))
+    model.set_state_dict(trained_like_weights(model))
+    model.eval()
+    onnx_file = export.export_onnx(model, str(tmp_path / 'small'), [3, 32, 32])
+    compiled = []
+    compile_model = openvino.Core.compile_model
+
+    def recorded(self, ov_model, device, config):
+        compiled.append((list(ov_model.inputs[0].get_shape()), config['NUM_STREAMS']))
+        return compile_model(self, ov_model, device, config)
+    monkeypatch.setattr(openvino.Core, 'compile_model', recorded)
+    x = np.random.default_rng(0).standard_normal([4, 3, 32, 32]).astype(np.float32)
+    with paddle.no_grad():
+        ref = model(paddle.to_tensor(x)).numpy()
+    # without OpenVINO's attention kernels, which are inexact for 2x2 windows (see tools/export.py)
+    run, _ = export.openvino_runner(onnx_file, threads=2, config=export.OPENVINO_WITHOUT_SNIPPETS)
+    one_by_one = np.concatenate([run(x[i:i + 1]) for i in range(4)])
+    halves, odd = run(x), run(x[:3])
+    assert compiled == [([1, 3, 32, 32], 1), ([2, 3, 32, 32], 2), ([3, 3, 32, 32], 1)]
+    assert np.abs(ref).max() > 1 and max_diff(one_by_one, ref) < 1e-4
+    assert max_diff(halves, one_by_one) < 1e-6 and max_diff(odd, one_by_one[:3]) < 1e-6
+    single, _ = export.openvino_runner(onnx_file, threads=1, config=export.OPENVINO_WITHOUT_SNIPPETS)
+    assert max_diff(single(x), one_by_one) < 1e-6 and compiled[-1] == ([4, 3, 32, 32], 1)
+
+
+@needs_onnx
 def test_openvino_profile_counts_the_models_matrix_products(capsys):
     """tools/profile_openvino.py: per-layer times of the exported model in OpenVINO, and the FLOPs of its matrix
     products read off OpenVINO's compiled graph: its convolutions and fully-connected layers must have exactly the

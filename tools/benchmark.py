@@ -25,11 +25,12 @@ compare their logits with eager Paddle's on one standard-normal batch: the table
 logit, rel diff), marked ! above 1e-4. onnxruntime and openvino run the .onnx that tools/export.py writes
 (export_onnx, paddle2onnx) with tools.export's onnxruntime_runner and openvino_runner, as tools/predict.py does:
 this process's cores as threads, onnxruntime at graph optimisation level ALL, OpenVINO in fp32 latency mode,
-compiled for the batch's shape, with its attention kernels (predict.py turns them off for models whose export
-check needed that, see tools/export.py). openvino-bf16 computes in bfloat16, as tools/predict.py --precision bf16
-does, on CPUs that have it (expect its max|diff| to be marked); openvino-paddle asks OpenVINO to read the Paddle
-model itself. They need optional packages (pip install -r requirements-deploy.txt) and are skipped, with the
-reason, where those are missing or cannot read the model.
+compiled for the batch's shape (an even batch as two halves at once, on half of the threads each), with its
+attention kernels (predict.py turns them off for models whose export check needed that, see tools/export.py).
+openvino-bf16 computes in bfloat16, as tools/predict.py --precision bf16 does, on CPUs that have it (expect its
+max|diff| to be marked); openvino-paddle asks OpenVINO to read the Paddle model itself. They need optional packages
+(pip install -r requirements-deploy.txt) and are skipped, with the reason, where those are missing or cannot read
+the model.
 
 timm runs in the interpreter given by --timm-python (torch and timm installed there; never needed by this
 repository), with the same number of threads: eager, channels_last (model and input) and torch.compile (inductor;

@@ -6,11 +6,12 @@ summed by layer type and kernel, with the FLOPs of the matrix products and the r
 
 The model is the config's (Global.pretrained_model, or tools.benchmark.trained_like_weights), exported as
 tools/export.py does and compiled as tools/predict.py runs it on the CPU (tools.export.openvino_compiler's settings:
-fp32, latency mode, this process's cores as threads, OpenVINO's attention kernels on). OpenVINO reports each fused
-kernel once: a fully-connected or convolution row includes what OpenVINO fused into it (bias, GELU, BatchNorm), and
-"Subgraph" rows are kernels that OpenVINO generates for chains of elementwise ops (attention: those with a softmax).
-The times are the counters' (their sum is close to the wall time of an inference); rows are the mean over --rounds
-inferences after --warmup. docs/performance.md (fourth round) reads this table.
+fp32, latency mode, this process's cores as threads, OpenVINO's attention kernels on; one request per batch, where
+the runner splits an even batch into two halves run at once). OpenVINO reports each fused kernel once: a
+fully-connected or convolution row includes what OpenVINO fused into it (bias, GELU, BatchNorm), and "Subgraph" rows
+are kernels that OpenVINO generates for chains of elementwise ops (attention: those with a softmax). The times are
+the counters' (their sum is close to the wall time of an inference); rows are the mean over --rounds inferences
+after --warmup. docs/performance.md (fourth round) reads this table.
 """
 import argparse
 import math
