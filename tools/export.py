@@ -286,24 +286,20 @@ def openvino_runner(model_files: Union[str, Tuple[str, ...]], threads: Optional[
     one, a half on one thread does not."""
     threads = threads or cpu_cores()
     compile_for, version = openvino_compiler(model_files, threads, config)
-    requests = {}  # input shape -> the infer requests of the model compiled for it (two: one per half)
+    requests = {}  # input shape -> the infer requests of the model compiled for it, one per part of the batch
 
     def run(batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if len(batch) % 2 or threads < 2:
-            if batch.shape not in requests:
-                requests[batch.shape] = [compile_for(batch.shape).create_infer_request()]
-            return requests[batch.shape][0].infer([batch])[0].copy()  # the request reuses its output buffer
-        half = len(batch) // 2
+        parts = 2 if threads >= 2 and len(batch) % 2 == 0 else 1
         if batch.shape not in requests:
-            compiled = compile_for((half, *batch.shape[1:]), streams=2)
-            requests[batch.shape] = [compiled.create_infer_request() for _ in range(2)]
-        pair = requests[batch.shape]
-        for request, part in zip(pair, (batch[:half], batch[half:])):
+            compiled = compile_for((len(batch) // parts, *batch.shape[1:]), streams=parts)
+            requests[batch.shape] = [compiled.create_infer_request() for _ in range(parts)]
+        for request, part in zip(requests[batch.shape], np.split(batch, parts)):
             request.start_async([part])
-        for request in pair:
+        for request in requests[batch.shape]:
             request.wait()
-        return np.concatenate([request.get_output_tensor(0).data for request in pair])
+        # a copy: each request reuses its output buffer
+        return np.concatenate([request.get_output_tensor(0).data for request in requests[batch.shape]])
     return run, version
 
 
