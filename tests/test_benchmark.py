@@ -2,6 +2,8 @@
 import argparse
 import json
 import math
+import os
+import shutil
 
 import numpy as np
 import paddle
@@ -9,7 +11,8 @@ import pytest
 
 from conftest import ROOT, TINY
 from maxvit import MaxViT, tiny_args
-from tools.benchmark import ISA_FLAGS, _paddle_worker, cpu_info, cpu_lines, main, make_global, report
+from tools.benchmark import (ISA_FLAGS, _paddle_worker, cpu_info, cpu_lines, main, make_global, report,
+                             round_trip_probe)
 
 CONFIG = str(ROOT / 'configs' / 'quickstart.yaml')
 MODEL = [o for o in TINY if o.startswith('Model.')]
@@ -58,6 +61,24 @@ def test_engines_run_side_by_side(tmp_path, capsys):
     # the workers ran setup('cpu'): the table says that eager and training rows ran MaxViT's CPU kernels
     assert [r['cpu_kernels'] for r in rows] == [True, True, True]
     assert 'MaxViT CPU kernels (eager and training rows): on' in lines
+    # the core round trip before each iteration, where it can run (two CPUs and a C compiler, as in CI)
+    assert all(len(r['iterations_s']) == len(r['iterations_round_trip_ns']) == 2 for r in rows)
+    if round_trip_probe() is not None:
+        assert all(5 < r['round_trip_ns'] < 1e5 for r in rows) and header.split()[-2:] == ['rt', 'ns']
+        assert all(min(r['iterations_round_trip_ns']) <= r['round_trip_ns'] <= max(r['iterations_round_trip_ns'])
+                   for r in rows)
+        assert any(line.startswith('core-to-core round trip (tools/core_round_trip.c') for line in lines)
+
+
+def test_round_trip_probe_times_a_cache_line_between_two_cpus():
+    """tools/core_round_trip.c, built with the system compiler: a round trip between two of this process's CPUs
+    takes tens to hundreds of ns on a machine like CI's (50-360 ns measured here); with one CPU there is none."""
+    assert round_trip_probe({0}) is None
+    probe = round_trip_probe()
+    if len(os.sched_getaffinity(0)) < 2 or not (shutil.which('cc') or shutil.which('gcc')):
+        assert probe is None
+        return
+    assert all(5 < probe() < 1e5 for _ in range(3))
 
 
 def test_cpu_info_reads_model_and_isa_flags():
@@ -88,6 +109,12 @@ def test_ratios_against_timm_eager_and_the_fastest_peer():
     assert 'fastest peer, infer b1: timm compile b1 (6.25 img/s)' in text
     assert next(line for line in text.splitlines() if line.startswith('onnxruntime b1')).split()[8] == '1.0e-03!'
     assert 'quiet iterations: 6/12 (50%' in text
+    assert 'rt ns' not in text  # no probe, no column
+    rows[0]['round_trip_ns'], rows[1]['round_trip_ns'] = 51.0, 336.4
+    text = report(rows, args, cpu={'cpu_model': 'X', 'cpu_cores': 2, 'cpu_flags': ['avx2'], 'cpu_flags_absent': []})
+    assert ': 51-336 ns (row medians: rt ns)' in text
+    assert [line.split()[-1] for line in text.splitlines() if line.startswith(('eager b1', 'onnxruntime b1',
+                                                                               'eager b8'))] == ['51', '336', '-']
 
 
 def test_sweep_reports_growth_against_global_attention(capsys):

@@ -14,11 +14,15 @@ order, while the others are paused (SIGSTOP: idle Paddle Inference threads spin 
 reports medians. So ratios come from the same minutes on the same machine; absolute times on a shared machine
 are noise. Iterations during which other processes used more than --quiet cores are dropped from the
 "quiet" median. Every table starts with the CPU model and its ISA flags (/proc/cpuinfo): compare ratios measured
-in one run, never absolute times across machines. Paddle's engines run after common.device.setup, so on CPU the
-eager and training rows use MaxViT's CPU kernels (common/cpu_kernels.cc) where they are built; the table says
-whether they did (MAXVIT_CPU_KERNELS=0 runs Paddle's own ops). The model's weights are Global.pretrained_model's,
-or else random with a trained model's statistics (trained_like_weights): OpenVINO drops the zero biases and unit
-norms of the bare initialisation, which flattered it by 1-2%.
+in one run, never absolute times across machines. Where a C compiler is at hand, the core-to-core round trip
+(tools/core_round_trip.c) is measured before each timed iteration, and each row's median is its rt ns column: on a
+virtual machine it moves, within seconds, with where the hypervisor places the virtual CPUs, and so does the time
+of an engine that splits one image's kernels over the cores (OpenVINO at batch 1 most, docs/performance.md).
+Paddle's engines run after common.device.setup, so on CPU the eager and training rows use MaxViT's CPU kernels
+(common/cpu_kernels.cc) where they are built; the table says whether they did (MAXVIT_CPU_KERNELS=0 runs Paddle's
+own ops). The model's weights are Global.pretrained_model's, or else random with a trained model's statistics
+(trained_like_weights): OpenVINO drops the zero biases and unit norms of the bare initialisation, which flattered
+it by 1-2%.
 
 Engines that run the network another way than eager Paddle (static, inference*, onnxruntime, openvino*) first
 compare their logits with eager Paddle's on one standard-normal batch: the table's max|diff| (and over the largest
@@ -52,10 +56,12 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List
@@ -338,7 +344,7 @@ def worker(spec):
 class Worker:
     def __init__(self, spec, python):
         self.spec = spec
-        self.times, self.foreign = [], []
+        self.times, self.foreign, self.round_trips = [], [], []
         self.info, self.skipped = {}, None
         self.proc = subprocess.Popen([python, str(Path(__file__).resolve()), '--worker', json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -364,7 +370,10 @@ class Worker:
             if line.startswith(prefix):
                 return line
 
-    def run(self, record=True):
+    def run(self, record=True, probe=None):
+        """One timed iteration; ``probe`` (a core round trip, see round_trip_probe) runs just before it, while every
+        worker is paused."""
+        round_trip = probe() if probe and record else None
         os.kill(self.proc.pid, signal.SIGCONT)
         busy0, own0, t0 = _busy(), _cpu(self.proc.pid), time.perf_counter()
         self.proc.stdin.write('run\n')
@@ -376,6 +385,7 @@ class Worker:
         if record:
             self.times.append(seconds)
             self.foreign.append(foreign)
+            self.round_trips.append(round_trip)
 
     def finish(self):
         os.kill(self.proc.pid, signal.SIGCONT)
@@ -398,13 +408,13 @@ def _cpu(pid) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def interleave(workers, warmup_rounds: int, rounds: int, finish: bool = True) -> None:
+def interleave(workers, warmup_rounds: int, rounds: int, finish: bool = True, probe=None) -> None:
     for _ in range(warmup_rounds):
         for w in workers:
             w.run(record=False)
     for r in range(rounds):
         for w in workers[r % len(workers):] + workers[:r % len(workers)]:
-            w.run()
+            w.run(probe=probe)
     if finish:
         for w in workers:
             w.finish()
@@ -453,6 +463,30 @@ def cpu_lines(cpu: dict) -> List[str]:
             f"ISA: {' '.join(cpu['cpu_flags']) or '-'} (absent: {absent})"]
 
 
+def round_trip_probe(cpus=None):
+    """A function that returns the core-to-core round trip in ns (tools/core_round_trip.c: one cache line passed
+    20,000 times between the first two CPUs of this process), or None where it cannot run: one CPU, or no C
+    compiler. On a virtual machine this time moves with where the hypervisor places the virtual CPUs (on the
+    2-core EPYC of docs/performance.md: about 50, 85-95 or 350 ns, changing within seconds), and an engine that
+    splits one image's kernels over the cores slows with it: OpenVINO at batch 1 took 71, 81 and 94 ms in those
+    three states, and 133-135 ms on one thread in all of them."""
+    cpus = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    compiler = shutil.which('cc') or shutil.which('gcc')
+    if len(cpus) < 2 or not compiler:
+        return None
+    build = tempfile.TemporaryDirectory(prefix='maxvit-round-trip-')  # removed with the probe
+    exe = str(Path(build.name) / 'core_round_trip')
+    built = subprocess.run([compiler, '-O2', '-pthread', str(ROOT / 'tools' / 'core_round_trip.c'), '-o', exe],
+                           capture_output=True, text=True)
+    if built.returncode:
+        return None
+
+    def probe(build=build) -> float:
+        return float(subprocess.run([exe, str(cpus[0]), str(cpus[1]), '20000'], capture_output=True, text=True,
+                                    check=True).stdout)
+    return probe
+
+
 def gemm_workers(python_for, torch_python):
     """Workers that time a 2048^3 float32 GEMM in Paddle (after common.device.setup: its MKL threads and code path)
     and, with a torch interpreter, in torch (all cores): what MaxViT's matmuls could reach here."""
@@ -471,12 +505,15 @@ def summarize(w, quiet: float) -> dict:
     t = sorted(w.times)
     q = [s for s, f in zip(w.times, w.foreign) if f < quiet]
     median = statistics.median(q or w.times)
+    trips = [r for r, f in zip(w.round_trips, w.foreign) if r is not None and (f < quiet or not q)]
     pct = lambda p: t[min(len(t) - 1, int(round(p / 100 * (len(t) - 1))))]  # noqa: E731
     row = {'label': w.spec['label'], 'engine': w.spec['engine'], 'batch': w.spec['batch'], 'size': w.spec['size'],
            'median_s': median, 'p50_s': pct(50), 'p90_s': pct(90), 'max_s': t[-1],
            'images_per_sec': w.spec['batch'] / median, 'quiet_iterations': len(q), 'iterations': len(t),
            'peak_gb': w.peak_gb, 'model_gb': w.delta_gb, 'runtime': w.info.get('runtime'),
-           'cpu_kernels': w.info.get('cpu_kernels')}
+           'cpu_kernels': w.info.get('cpu_kernels'),
+           'round_trip_ns': statistics.median(trips) if trips else None,
+           'iterations_s': w.times, 'iterations_round_trip_ns': w.round_trips}  # in the order they ran
     for key in ('parity_ref', 'max_abs_diff', 'rel_diff', 'max_abs_logit', 'parity_ok'):
         row[key] = w.info.get(key)
     return row
@@ -509,7 +546,7 @@ def main(argv=None):
     parser.add_argument('--quiet', type=float, default=0.15, help='max cores used by others in a quiet iteration')
     parser.add_argument('--gflops', type=_gflops, help="peak FP32 GFLOP/s of this machine: prints %% of peak; "
                         "'auto' measures a 2048^3 GEMM first (Paddle, and torch with --timm-python)")
-    parser.add_argument('--json', help='also write the results here')
+    parser.add_argument('--json', help='also write the rows here (with each iteration\'s time and round trip)')
     args = parser.parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
@@ -549,7 +586,7 @@ def main(argv=None):
             interleave(gemms, 0, 10, finish=False)
         workers, skip_workers = start_workers(specs, python_for)
         skipped += [(w.spec['label'], w.skipped) for w in skip_workers]
-        interleave(workers, args.warmup, args.rounds)
+        interleave(workers, args.warmup, args.rounds, probe=round_trip_probe())
         if gemms:
             interleave(gemms, 0, 10)
             gemm = gemm_rates(gemms)
@@ -583,6 +620,11 @@ def report(rows, args, cpu=None, gemm=None, skipped=()) -> str:
         lines.append(f'% peak below is of {args.gflops:.0f} GFLOP/s (--gflops)')
     if gflop:
         lines.append(f'model: {gflop:.2f} GFLOP per image forward ({Path(args.config).name}, {args.size}x{args.size})')
+    trips = [r['round_trip_ns'] for r in rows if r.get('round_trip_ns') is not None]
+    if trips:
+        spread = f'{min(trips):.0f}' + (f'-{max(trips):.0f}' if round(max(trips)) > round(min(trips)) else '')
+        lines.append(f'core-to-core round trip (tools/core_round_trip.c, before each timed iteration): {spread} ns '
+                     f'(row medians: rt ns); one image split over the cores slows as it grows (docs/performance.md)')
     kernels = {r['cpu_kernels'] for r in rows if r.get('cpu_kernels') is not None}
     if kernels:  # eager and training rows on CPU: common/cpu_kernels.cc, or Paddle's own ops
         state = ('on' if kernels == {True} else 'off (not built, or MAXVIT_CPU_KERNELS=0)' if kernels == {False}
@@ -603,7 +645,8 @@ def report(rows, args, cpu=None, gemm=None, skipped=()) -> str:
         lines.append(f'fastest peer, {k} b{b}: {best["label"]} ({best["images_per_sec"]:.2f} img/s)')
     lines.append('')
     lines.append(f'{"engine":<26}{"s/iter":>8}{"p90 s":>8}{"img/s":>8}{"x timm":>8}{"x peer":>8}{"x first":>8}'
-                 f'{"max|diff|":>11}{"rel diff":>10}{"peak GB":>8}{"quiet":>7}' + (f'{"% peak":>8}' if gflop else ''))
+                 f'{"max|diff|":>11}{"rel diff":>10}{"peak GB":>8}{"quiet":>7}' + (f'{"% peak":>8}' if gflop else '')
+                 + (f'{"rt ns":>7}' if trips else ''))
     first = rows[0]['median_s'] if rows else None
     for r in rows:
         eager, best = peers.get((r['batch'], kind(r)), (None, None))
@@ -622,6 +665,8 @@ def report(rows, args, cpu=None, gemm=None, skipped=()) -> str:
                 f'{diff:>11}{rel:>10}{r["peak_gb"]:>8.2f}{r["quiet_iterations"]:>4}/{r["iterations"]:<2}')
         if gflop:
             line += f'{r["pct_peak"]:>7.0f}%'
+        if trips:
+            line += f'{r["round_trip_ns"]:>7.0f}' if r.get('round_trip_ns') is not None else f'{"-":>7}'
         lines.append(line)
     quiet, total = sum(r['quiet_iterations'] for r in rows), sum(r['iterations'] for r in rows)
     lines.append('')
