@@ -645,7 +645,7 @@ def report(rows, args, cpu=None, gemm=None, skipped=()) -> str:
         lines.append(f'fastest peer, {k} b{b}: {best["label"]} ({best["images_per_sec"]:.2f} img/s)')
     lines.append('')
     lines.append(f'{"engine":<26}{"s/iter":>8}{"p90 s":>8}{"img/s":>8}{"x timm":>8}{"x peer":>8}{"x first":>8}'
-                 f'{"max|diff|":>11}{"rel diff":>10}{"peak GB":>8}{"quiet":>7}' + (f'{"% peak":>8}' if gflop else '')
+                 f'{"max|diff|":>11}{"rel diff":>10}{"peak GB":>8}{"quiet":>8}' + (f'{"% peak":>8}' if gflop else '')
                  + (f'{"rt ns":>7}' if trips else ''))
     first = rows[0]['median_s'] if rows else None
     for r in rows:
@@ -660,9 +660,10 @@ def report(rows, args, cpu=None, gemm=None, skipped=()) -> str:
         diff = (f'{r["max_abs_diff"]:.1e}' + ('' if r['parity_ok'] else '!')) if r.get('max_abs_diff') is not None \
             else ('inf!' if r.get('parity_ref') else '-')
         rel = f'{r["rel_diff"]:.1e}' if r.get('rel_diff') is not None else '-'
+        quiet_of = f'{r["quiet_iterations"]}/{r["iterations"]}'
         line = (f'{r["label"]:<26}{r["median_s"]:>8.3f}{r["p90_s"]:>8.3f}{r["images_per_sec"]:>8.2f}'
                 f'{ratio(r["vs_timm_eager"]):>8}{ratio(r["vs_fastest_peer"]):>8}{first / r["median_s"]:>8.2f}'
-                f'{diff:>11}{rel:>10}{r["peak_gb"]:>8.2f}{r["quiet_iterations"]:>4}/{r["iterations"]:<2}')
+                f'{diff:>11}{rel:>10}{r["peak_gb"]:>8.2f}{quiet_of:>8}')
         if gflop:
             line += f'{r["pct_peak"]:>7.0f}%'
         if trips:
