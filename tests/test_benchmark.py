@@ -117,6 +117,19 @@ def test_ratios_against_timm_eager_and_the_fastest_peer():
                                                                                'eager b8'))] == ['51', '336', '-']
 
 
+def test_ratios_pair_the_rounds():
+    """With per-round times, a ratio is the median of the ratios within each round. When the machine changes state
+    (here twice as slow in rounds 1 and 2, and in round 3 between the two rows), the medians of two rows can fall
+    in different states (0.1 s, fast, against 0.3 s, slow: 3x); the rounds' ratios are 1.5x but for round 3's.
+    Rounds in which either row was not quiet are left out (round 6)."""
+    from tools.benchmark import speedup
+    row = {'median_s': 0.1, 'iterations_s': [0.2, 0.2, 0.1, 0.1, 0.1, 0.01], 'iterations_quiet': [True] * 5 + [False]}
+    ref = {'median_s': 0.3, 'iterations_s': [0.3, 0.3, 0.3, 0.15, 0.15, 1.0], 'iterations_quiet': [True] * 6}
+    assert speedup(row, ref) == pytest.approx(1.5)
+    assert speedup(row, dict(ref, iterations_s=ref['iterations_s'][:5])) == pytest.approx(3.0)  # unpaired: medians
+    assert speedup(row, row) == 1.0
+
+
 def test_sweep_reports_growth_against_global_attention(capsys):
     args = ['-c', CONFIG, '--sweep', '32', '64', '--warmup', '0', '--rounds', '1']
     for o in MODEL:

@@ -9,20 +9,20 @@ against timm (eager, channels_last, torch.compile).
         --engines eager inference-mkldnn onnxruntime openvino --rounds 7 --gflops auto
     python tools/benchmark.py -c configs/maxvit_t_tf_224.yaml --sweep 224 288 384 448    # vs global attention
 
-Every engine runs in its own process; the driver times one iteration of one process at a time, in rotating
-order, while the others are paused (SIGSTOP: idle Paddle Inference threads spin and would steal CPU), and
-reports medians. So ratios come from the same minutes on the same machine; absolute times on a shared machine
-are noise. Iterations during which other processes used more than --quiet cores are dropped from the
-"quiet" median. Every table starts with the CPU model and its ISA flags (/proc/cpuinfo): compare ratios measured
-in one run, never absolute times across machines. Where a C compiler is at hand, the core-to-core round trip
-(tools/core_round_trip.c) is measured before each timed iteration, and each row's median is its rt ns column: on a
-virtual machine it moves, within seconds, with where the hypervisor places the virtual CPUs, and so does the time
-of an engine that splits one image's kernels over the cores (OpenVINO at batch 1 most, docs/performance.md).
-Paddle's engines run after common.device.setup, so on CPU the eager and training rows use MaxViT's CPU kernels
-(common/cpu_kernels.cc) where they are built; the table says whether they did (MAXVIT_CPU_KERNELS=0 runs Paddle's
-own ops). The model's weights are Global.pretrained_model's, or else random with a trained model's statistics
-(trained_like_weights): OpenVINO drops the zero biases and unit norms of the bare initialisation, which flattered
-it by 1-2%.
+Every engine runs in its own process; the driver times one iteration of one process at a time, in rotating order,
+while the others are paused (SIGSTOP: idle Paddle Inference threads spin and would steal CPU), and reports medians;
+each ratio between two rows is the median of their ratios within each round. So ratios come from the same seconds on
+the same machine; absolute times on a shared machine are noise. Iterations during which other processes used more
+than --quiet cores are dropped from the "quiet" median. Every table starts with the CPU model and its ISA flags
+(/proc/cpuinfo): compare ratios measured in one run, never absolute times across machines. Where a C compiler is at
+hand, the core-to-core round trip (tools/core_round_trip.c) is measured before each timed iteration, and each row's
+median is its rt ns column: on a virtual machine it moves, within seconds, with where the hypervisor places the
+virtual CPUs, and so does the time of an engine that splits one image's kernels over the cores (OpenVINO at batch 1
+most, docs/performance.md). Paddle's engines run after common.device.setup, so on CPU the eager and training rows
+use MaxViT's CPU kernels (common/cpu_kernels.cc) where they are built; the table says whether they did
+(MAXVIT_CPU_KERNELS=0 runs Paddle's own ops). The model's weights are Global.pretrained_model's, or else random with
+a trained model's statistics (trained_like_weights): OpenVINO drops the zero biases and unit norms of the bare
+initialisation, which flattered it by 1-2%.
 
 Engines that run the network another way than eager Paddle (static, inference*, onnxruntime, openvino*) first
 compare their logits with eager Paddle's on one standard-normal batch: the table's max|diff| (and over the largest
@@ -513,7 +513,8 @@ def summarize(w, quiet: float) -> dict:
            'peak_gb': w.peak_gb, 'model_gb': w.delta_gb, 'runtime': w.info.get('runtime'),
            'cpu_kernels': w.info.get('cpu_kernels'),
            'round_trip_ns': statistics.median(trips) if trips else None,
-           'iterations_s': w.times, 'iterations_round_trip_ns': w.round_trips}  # in the order they ran
+           'iterations_s': w.times, 'iterations_quiet': [f < quiet for f in w.foreign],  # one per round
+           'iterations_round_trip_ns': w.round_trips}
     for key in ('parity_ref', 'max_abs_diff', 'rel_diff', 'max_abs_logit', 'parity_ok'):
         row[key] = w.info.get(key)
     return row
@@ -601,6 +602,20 @@ def main(argv=None):
     return rows
 
 
+def speedup(row: dict, reference: dict) -> float:
+    """reference's time over row's: the median of the ratios within each round (both quiet, where there are such
+    rounds) when the two ran the same rounds, else the ratio of their medians. A round times every engine once,
+    within seconds, so a change of the machine's state between rounds (such as the core round trip,
+    round_trip_probe) cancels out, where the medians of two rows could come from different states."""
+    a, b = reference.get('iterations_s') or [], row.get('iterations_s') or []
+    if not a or len(a) != len(b):
+        return reference['median_s'] / row['median_s']
+    quiet = [x and y for x, y in zip(reference.get('iterations_quiet') or [True] * len(a),
+                                     row.get('iterations_quiet') or [True] * len(b))]
+    pairs = [(x, y) for x, y, q in zip(a, b, quiet) if q] or list(zip(a, b))
+    return statistics.median(x / y for x, y in pairs)
+
+
 def report(rows, args, cpu=None, gemm=None, skipped=()) -> str:
     """The table (adding its ratios, parity and %% of peak to ``rows``), with the CPU and ISA lines above it."""
     cpu = cpu or cpu_info()
@@ -647,12 +662,11 @@ def report(rows, args, cpu=None, gemm=None, skipped=()) -> str:
     lines.append(f'{"engine":<26}{"s/iter":>8}{"p90 s":>8}{"img/s":>8}{"x timm":>8}{"x peer":>8}{"x first":>8}'
                  f'{"max|diff|":>11}{"rel diff":>10}{"peak GB":>8}{"quiet":>8}' + (f'{"% peak":>8}' if gflop else '')
                  + (f'{"rt ns":>7}' if trips else ''))
-    first = rows[0]['median_s'] if rows else None
     for r in rows:
         eager, best = peers.get((r['batch'], kind(r)), (None, None))
-        r['vs_timm_eager'] = eager['median_s'] / r['median_s'] if eager else None
+        r['vs_timm_eager'] = speedup(r, eager) if eager else None
         r['fastest_peer'] = best['label'] if best else None
-        r['vs_fastest_peer'] = best['median_s'] / r['median_s'] if best else None
+        r['vs_fastest_peer'] = speedup(r, best) if best else None
         r['cpu_model'], r['cpu_flags'] = cpu['cpu_model'], cpu['cpu_flags']
         work = gflop * (3 if kind(r) == 'train' else 1) if gflop else None  # a training step ~ 3 forward passes
         r['pct_peak'] = 100 * work * r['images_per_sec'] / args.gflops if gflop else None
@@ -662,7 +676,7 @@ def report(rows, args, cpu=None, gemm=None, skipped=()) -> str:
         rel = f'{r["rel_diff"]:.1e}' if r.get('rel_diff') is not None else '-'
         quiet_of = f'{r["quiet_iterations"]}/{r["iterations"]}'
         line = (f'{r["label"]:<26}{r["median_s"]:>8.3f}{r["p90_s"]:>8.3f}{r["images_per_sec"]:>8.2f}'
-                f'{ratio(r["vs_timm_eager"]):>8}{ratio(r["vs_fastest_peer"]):>8}{first / r["median_s"]:>8.2f}'
+                f'{ratio(r["vs_timm_eager"]):>8}{ratio(r["vs_fastest_peer"]):>8}{speedup(r, rows[0]):>8.2f}'
                 f'{diff:>11}{rel:>10}{r["peak_gb"]:>8.2f}{quiet_of:>8}')
         if gflop:
             line += f'{r["pct_peak"]:>7.0f}%'
@@ -672,8 +686,9 @@ def report(rows, args, cpu=None, gemm=None, skipped=()) -> str:
     quiet, total = sum(r['quiet_iterations'] for r in rows), sum(r['iterations'] for r in rows)
     lines.append('')
     lines.append(f'quiet iterations: {quiet}/{total} ({100 * quiet / max(total, 1):.0f}%; others used < {args.quiet} '
-                 f'cores; medians are of the quiet ones where a row has any). x timm / x peer: timm eager\'s / the '
-                 f'fastest timm engine\'s time over the row\'s (> 1: faster).')
+                 f'cores; medians are of the quiet ones where a row has any). x timm / x peer / x first: timm '
+                 f'eager\'s / the fastest timm engine\'s / the first row\'s time over the row\'s (> 1: faster), the '
+                 f'median of the ratios within each round.')
     if any(r.get('parity_ref') for r in rows):
         lines.append(f'max|diff|: largest logit difference from the row\'s reference (Paddle rows: eager Paddle; '
                      f'timm rows: timm eager) on one standard-normal batch; rel diff: over the largest |logit|; '
