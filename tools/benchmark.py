@@ -503,17 +503,19 @@ def gemm_rates(workers) -> dict:
 
 def summarize(w, quiet: float) -> dict:
     t = sorted(w.times)
-    q = [s for s, f in zip(w.times, w.foreign) if f < quiet]
-    median = statistics.median(q or w.times)
-    trips = [r for r, f in zip(w.round_trips, w.foreign) if r is not None and (f < quiet or not q)]
+    quiet_flags = [f < quiet for f in w.foreign]
+    kept = quiet_flags if any(quiet_flags) else [True] * len(w.times)  # the quiet iterations, where there are any
+    q = [s for s, k in zip(w.times, kept) if k]
+    median = statistics.median(q)
+    trips = [r for r, k in zip(w.round_trips, kept) if k and r is not None]
     pct = lambda p: t[min(len(t) - 1, int(round(p / 100 * (len(t) - 1))))]  # noqa: E731
     row = {'label': w.spec['label'], 'engine': w.spec['engine'], 'batch': w.spec['batch'], 'size': w.spec['size'],
            'median_s': median, 'p50_s': pct(50), 'p90_s': pct(90), 'max_s': t[-1],
-           'images_per_sec': w.spec['batch'] / median, 'quiet_iterations': len(q), 'iterations': len(t),
+           'images_per_sec': w.spec['batch'] / median, 'quiet_iterations': sum(quiet_flags), 'iterations': len(t),
            'peak_gb': w.peak_gb, 'model_gb': w.delta_gb, 'runtime': w.info.get('runtime'),
            'cpu_kernels': w.info.get('cpu_kernels'),
            'round_trip_ns': statistics.median(trips) if trips else None,
-           'iterations_s': w.times, 'iterations_quiet': [f < quiet for f in w.foreign],  # one per round
+           'iterations_s': w.times, 'iterations_quiet': quiet_flags,  # one per round
            'iterations_round_trip_ns': w.round_trips}
     for key in ('parity_ref', 'max_abs_diff', 'rel_diff', 'max_abs_logit', 'parity_ok'):
         row[key] = w.info.get(key)
