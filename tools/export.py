@@ -282,8 +282,9 @@ def openvino_runner(model_files: Union[str, Tuple[str, ...]], threads: Optional[
     A batch of an even number of images, with two threads or more, runs as its two halves at once, each half on
     half of the threads (two OpenVINO streams): the same values (no image's arithmetic changes), and on 2 cores
     MaxViT-T at batch 8 ran 1.02-1.08x faster than as one request on both threads, up to 1.18x while the machine
-    was in a slow spell (docs/performance.md, sixth round): a kernel split over two threads waits for the slower
-    one, a half on one thread does not."""
+    was in a slow spell (docs/performance.md, sixth round): a kernel split over two threads reads data the other
+    core wrote and waits for it, which costs more the farther apart the cores are (seventh round); a half on one
+    thread does neither."""
     threads = threads or cpu_cores()
     compile_for, version = openvino_compiler(model_files, threads, config)
     requests = {}  # input shape -> the infer requests of the model compiled for it, one per part of the batch

@@ -10,8 +10,10 @@ fp32, latency mode, this process's cores as threads, OpenVINO's attention kernel
 the runner splits an even batch into two halves run at once). OpenVINO reports each fused kernel once: a
 fully-connected or convolution row includes what OpenVINO fused into it (bias, GELU, BatchNorm), and "Subgraph" rows
 are kernels that OpenVINO generates for chains of elementwise ops (attention: those with a softmax). The times are
-the counters' (their sum is close to the wall time of an inference); rows are the mean over --rounds inferences
-after --warmup. docs/performance.md (fourth round) reads this table.
+the counters': their sum is close to the wall time of an inference while the two cores are close, but not the time
+a far core placement adds (71 against 94 ms at batch 1 on 2 cores, the same counter sums: docs/performance.md,
+seventh round); rows are the mean over --rounds inferences after --warmup. docs/performance.md (fourth round)
+reads this table.
 """
 import argparse
 import math
