@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -277,6 +278,37 @@ def test_openvino_runs_an_even_batch_as_two_halves_at_once(tmp_path, monkeypatch
     assert max_diff(halves, one_by_one) < 1e-6 and max_diff(odd, one_by_one[:3]) < 1e-6
     single, _ = export.openvino_runner(onnx_file, threads=1, config=export.OPENVINO_WITHOUT_SNIPPETS)
     assert max_diff(single(x), one_by_one) < 1e-6 and compiled[-1] == ([4, 3, 32, 32], 1)
+
+
+@needs_onnx
+def test_onnxruntime_runs_an_even_batch_as_two_halves_at_once(tmp_path, monkeypatch):
+    """tools.export.onnxruntime_runner: with two threads or more, a batch of an even size runs as its two halves at
+    once (one session with half the threads, run from two threads), with the values of the images run one by one and
+    of the Paddle model; an odd batch, or one thread, runs as one call of the session with all the threads."""
+    import onnxruntime
+    model = maxvit.MaxViT(dict(maxvit.tiny_tf_args, **SMALL_ARGS))
+    model.set_state_dict(trained_like_weights(model))
+    model.eval()
+    onnx_file = export.export_onnx(model, str(tmp_path / 'small'), [3, 32, 32])
+    calls = []  # (intra-op threads of the session, images, name of the calling thread)
+    session_run = onnxruntime.InferenceSession.run
+
+    def recorded(self, output_names, feed, *args):
+        calls.append((self.get_session_options().intra_op_num_threads, len(next(iter(feed.values()))),
+                      threading.current_thread().name.split('_')[0]))
+        return session_run(self, output_names, feed, *args)
+    monkeypatch.setattr(onnxruntime.InferenceSession, 'run', recorded)
+    x = np.random.default_rng(0).standard_normal([4, 3, 32, 32]).astype(np.float32)
+    with paddle.no_grad():
+        ref = model(paddle.to_tensor(x)).numpy()
+    run, _ = export.onnxruntime_runner(onnx_file, threads=2)
+    one_by_one = np.concatenate([run(x[i:i + 1]) for i in range(4)])
+    halves, odd = run(x), run(x[:3])
+    assert calls == [(2, 1, 'MainThread')] * 4 + [(1, 2, 'onnxruntime-half')] * 2 + [(2, 3, 'MainThread')]
+    assert np.abs(ref).max() > 1 and max_diff(one_by_one, ref) < 1e-4
+    assert max_diff(halves, one_by_one) < 1e-6 and max_diff(odd, one_by_one[:3]) < 1e-6
+    single, _ = export.onnxruntime_runner(onnx_file, threads=1)
+    assert max_diff(single(x), one_by_one) < 1e-6 and calls[-1] == (1, 4, 'MainThread')
 
 
 @needs_onnx

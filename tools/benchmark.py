@@ -28,8 +28,8 @@ Engines that run the network another way than eager Paddle (static, inference*, 
 compare their logits with eager Paddle's on one standard-normal batch: the table's max|diff| (and over the largest
 logit, rel diff), marked ! above 1e-4. onnxruntime and openvino run the .onnx that tools/export.py writes
 (export_onnx, paddle2onnx) with tools.export's onnxruntime_runner and openvino_runner, as tools/predict.py does:
-this process's cores as threads, onnxruntime at graph optimisation level ALL, OpenVINO in fp32 latency mode,
-compiled for the batch's shape (an even batch as two halves at once, on half of the threads each), with its
+this process's cores as threads (both run an even batch as two halves at once, on half of the threads each),
+onnxruntime at graph optimisation level ALL, OpenVINO in fp32 latency mode, compiled for the batch's shape, with its
 attention kernels (predict.py turns them off for models whose export check needed that, see tools/export.py).
 openvino-bf16 computes in bfloat16, as tools/predict.py --precision bf16 does, on CPUs that have it (expect its
 max|diff| to be marked); openvino-paddle asks OpenVINO to read the Paddle model itself. They need optional packages
