@@ -312,9 +312,10 @@ def onnxruntime_runner(onnx_file: str, threads: Optional[int] = None
 
     As in openvino_runner, a batch of an even number of images, with two threads or more, runs as its two halves at
     once, each in its own thread through a second session with half of the threads (made for the first such
-    batch; onnxruntime runs one session from several threads at once): the same values, and on 2 cores MaxViT-T at
-    batch 8 ran 1.02x faster than as one run with the cores close (110 ns), 1.28-1.30x with them far apart
-    (docs/performance.md, eighth round)."""
+    batch; onnxruntime runs one session from several threads at once, and the two calls share that session's
+    threads beyond their own): the same values. On 2 cores, where each half runs on its calling thread alone,
+    MaxViT-T at batch 8 ran 1.02x faster than as one run with the cores close (110 ns), 1.28-1.30x with them far
+    apart (docs/performance.md, eighth round); more cores were not measured."""
     ort = import_optional('onnxruntime', 'the onnxruntime engine')
     threads = threads or cpu_cores()
 
