@@ -273,6 +273,12 @@ def openvino_compiler(model_files: Union[str, Tuple[str, ...]], threads: Optiona
     return compile_for, f'OpenVINO {version}'
 
 
+def in_two_halves(batch: np.ndarray, threads: int) -> bool:
+    """Whether a runner runs ``batch`` as its two halves at once, each on half of the ``threads``: an even number of
+    images and two threads or more (openvino_runner, onnxruntime_runner)."""
+    return threads >= 2 and len(batch) % 2 == 0
+
+
 def openvino_runner(model_files: Union[str, Tuple[str, ...]], threads: Optional[int] = None,
                     config: Optional[Dict] = None) -> Tuple[Callable[[np.ndarray], np.ndarray], str]:
     """(run, 'OpenVINO VERSION') for the model in ``model_files``, compiled as openvino_compiler does.
@@ -292,7 +298,7 @@ def openvino_runner(model_files: Union[str, Tuple[str, ...]], threads: Optional[
 
     def run(batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        parts = 2 if threads >= 2 and len(batch) % 2 == 0 else 1
+        parts = 2 if in_two_halves(batch, threads) else 1
         if batch.shape not in requests:
             compiled = compile_for((len(batch) // parts, *batch.shape[1:]), streams=parts)
             requests[batch.shape] = [compiled.create_infer_request() for _ in range(parts)]
@@ -334,7 +340,7 @@ def onnxruntime_runner(onnx_file: str, threads: Optional[int] = None
 
     def run(batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if threads < 2 or len(batch) % 2:
+        if not in_two_halves(batch, threads):
             return whole.run(None, {name: batch})[0]
         if not halves:
             halves.extend([session(threads // 2), concurrent.futures.ThreadPoolExecutor(2, 'onnxruntime-half')])
