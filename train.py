@@ -213,13 +213,13 @@ def main(argv=None) -> dict:
         epoch = run['epoch']
         net.train()
         train_set.set_epoch(epoch)
-        sampler = train_loader.batch_sampler
-        sampler.set_epoch(stream_seed(G['seed'], epoch, 0, rank=0))  # one order for all ranks
-        sampler.skip = run['epoch_step'] * accum                       # a mid-epoch checkpoint's position
-        sampler.stop = steps_per_epoch * accum                         # the epoch's last micro-batch
+        first_micro = run['epoch_step'] * accum  # a mid-epoch checkpoint's position
+        # one order for all ranks; the epoch ends after the last micro-batch an optimizer step uses
+        train_loader.batch_sampler.set_epoch(stream_seed(G['seed'], epoch, 0, rank=0), start=first_micro,
+                                             stop=steps_per_epoch * accum)
         loss_sum, loss_n, seen, t_log = 0.0, 0, 0, time.perf_counter()
         step_loss, epoch_images = 0.0, 0
-        for micro, (images, labels, _, bad) in enumerate(train_loader, start=sampler.skip):
+        for micro, (images, labels, _, bad) in enumerate(train_loader, start=first_micro):
             skipped(bad)
             seed = stream_seed(G['seed'], epoch, micro, env.rank)
             paddle.seed(seed)

@@ -210,18 +210,25 @@ class ShardSampler(paddle.io.Sampler):
 
 
 class TrainBatchSampler(paddle.io.DistributedBatchSampler):
-    """Paddle's shuffling, sharding batch sampler that can start an epoch at batch ``skip`` (a mid-epoch resume:
-    the epoch's order is the same (set_epoch), the first ``skip`` batches are passed over without being read)
-    and end it after batch ``stop`` (the last one an optimizer step uses). Ending here, not by leaving the loop
-    early, lets the loader finish its epoch and shut its worker processes down (a loop left early kept two idle
-    workers per epoch alive until the run ended)."""
-    skip, stop = 0, None
+    """Paddle's shuffling, sharding batch sampler, told at each epoch which of its batches to give:
+    ``set_epoch(seed, start, stop)`` yields batches start .. stop - 1 of the epoch's order (the order depends on
+    ``seed`` only). A mid-epoch resume starts at the first batch not yet used, passing over the earlier ones
+    without reading them; ``stop`` is the batch after the last one an optimizer step uses. Ending here, not by
+    leaving the loop early, lets the loader finish its epoch and shut its worker processes down (a loop left
+    early keeps two idle workers per epoch alive until the run ends)."""
+    start, stop = 0, None
+
+    def set_epoch(self, epoch: int, start: int = 0, stop: Optional[int] = None) -> None:
+        """``epoch``: the seed of this epoch's shuffle (Paddle's meaning); ``start``, ``stop``: the batches to
+        give, as in range(start, stop); stop None: to the end of the epoch."""
+        super().set_epoch(epoch)
+        self.start, self.stop = start, stop
 
     def __iter__(self):
         for i, batch in enumerate(super().__iter__()):
             if self.stop is not None and i >= self.stop:
                 return
-            if i >= self.skip:
+            if i >= self.start:
                 yield batch
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 import common.transforms as transforms
 from common.config import DEFAULTS
-from common.data import DataError, ImageDataset, filelist_samples
+from common.data import DataError, ImageDataset, TrainBatchSampler, filelist_samples
 from common.transforms import RA_LEVEL_TO_ARG, RandAugment, build_transform, randaugment_op
 
 OFFICIAL_OPS = ['AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'Color', 'Contrast',
@@ -310,3 +310,21 @@ def test_cmyk_reads_as_its_rgb_colour(tmp_path):
     Image.new('CMYK', (4, 4), (0, 255, 255, 0)).save(tmp_path / 'red.jpg', quality=100)   # cyan 0, magenta + yellow
     rgb = np.asarray(ImageDataset([(str(tmp_path / 'red.jpg'), 0)], ['a'], None).load(0), dtype=int)
     np.testing.assert_allclose(rgb[0, 0], (255, 0, 0), atol=8)
+
+
+@pytest.mark.parametrize('world_size', [1, 2])
+def test_train_sampler_gives_the_batches_from_start_to_stop_of_the_seeds_order(world_size):
+    dataset = list(range(50))  # 50 samples: 6 batches of 8 per epoch with one process, 3 with two (drop_last)
+    for rank in range(world_size):
+        sampler = TrainBatchSampler(dataset, 8, num_replicas=world_size, rank=rank, shuffle=True, drop_last=True)
+        sampler.set_epoch(7)
+        order = list(sampler)
+        assert len(order) == 6 // world_size and sorted(sum(order, [])) != sum(order, [])  # shuffled
+        sampler.set_epoch(8)
+        assert list(sampler) != order  # another seed, another order
+        sampler.set_epoch(7, start=1, stop=len(order) - 1)  # a resume after batch 0, the last batch unused
+        assert list(sampler) == order[1:-1]
+        sampler.set_epoch(7, start=1)
+        assert list(sampler) == order[1:]
+        sampler.set_epoch(7)  # each call says where the epoch starts and stops: no bounds left from the last one
+        assert list(sampler) == order
