@@ -23,7 +23,9 @@ import shlex
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import List, Optional
 
 import common  # noqa: F401  (first: it silences known third-party noise before Paddle loads)
 import numpy as np
@@ -52,6 +54,68 @@ def stream_seed(seed: int, epoch: int, micro: int, rank: int) -> int:
     """The seed of every random stream for one micro-batch: a function of where the run is, so that a resumed run
     needs no saved random state to continue exactly as if it had never stopped."""
     return (seed * 1_000_003 + epoch * 1_000_033 + micro * 1009 + rank) % (2 ** 31)
+
+
+def due(epoch: int, every: int, epochs: int) -> bool:
+    """Whether what a run does every ``every`` epochs and after its last one (an evaluation: Global.eval_freq; an
+    epoch_N checkpoint: Global.save_epoch_freq) is due after epoch ``epoch`` (1-based) of ``epochs``."""
+    return epoch % every == 0 or epoch == epochs
+
+
+@dataclass
+class RunState:
+    """Where the run is. Every checkpoint saves it, so a run resumed from one continues from exactly there."""
+    epoch: int = 0       # epochs finished
+    epoch_step: int = 0  # optimizer steps done in epoch + 1: a mid-epoch checkpoint's position, else 0
+    step: int = 0        # optimizer steps done in all
+    best: dict = field(default_factory=lambda: {'metric': -1.0, 'epoch': 0})  # + 'weights' once evaluated
+
+    def keep_if_best(self, metrics: dict, eval_weights: str) -> bool:
+        """Record this epoch's top-1 as the best when it beats the best so far; whether it did. The weights
+        compared are Global.eval_weights' when they were evaluated (the EMA's exist with EMA.decay > 0), else
+        the raw ones."""
+        which = eval_weights if eval_weights in metrics else 'raw'
+        if metrics[which]['top1'] <= self.best['metric']:
+            return False
+        self.best = {'metric': metrics[which]['top1'], 'epoch': self.epoch, 'weights': which}
+        return True
+
+
+@dataclass
+class Learner:
+    """What the optimizer steps change; a checkpoint holds it and the RunState."""
+    model: paddle.nn.Layer    # MaxViT: the parameters and state_dict
+    net: paddle.nn.Layer      # what runs forward: the model, in paddle.DataParallel when there are several processes
+    optimizer: paddle.optimizer.Optimizer
+    schedule: paddle.optimizer.lr.LRScheduler
+    scaler: paddle.amp.GradScaler  # fp16 loss scaling; passes the loss and gradients through unchanged otherwise
+    ema: Optional[ModelEma]   # None when EMA.decay is 0
+
+
+class Checkpoints:
+    """OUTPUT_DIR/latest after every epoch and every Global.save_interval_steps steps; best when the top-1
+    improved; epoch_N every Global.save_epoch_freq epochs and after the last. Only rank 0 writes them."""
+
+    def __init__(self, cfg: dict, class_names: List[str], steps_per_epoch: int, log: Logger, enabled: bool):
+        self.cfg, self.class_names, self.steps_per_epoch, self.log, self.enabled = (
+            cfg, class_names, steps_per_epoch, log, enabled)
+        self.dir = Path(cfg['Global']['output_dir'])
+
+    def save(self, run: RunState, learner: Learner, metrics: Optional[dict] = None, is_best: bool = False) -> None:
+        """Save at the run's position: mid-epoch when run.epoch_step > 0, else at the end of epoch run.epoch."""
+        if not self.enabled:
+            return
+        G, latest, epoch_end = self.cfg['Global'], str(self.dir / 'latest'), run.epoch_step == 0
+        states = dict(asdict(run), metrics=metrics or {}, ema=learner.ema.state_dict() if learner.ema else None,
+                      scaler=learner.scaler.state_dict(), config=self.cfg, class_names=self.class_names)
+        save_checkpoint(latest, learner.model.state_dict(), optimizer_state(learner.optimizer, learner.model), states)
+        if is_best:
+            copy_checkpoint(latest, str(self.dir / 'best'))
+        if epoch_end and due(run.epoch, G['save_epoch_freq'], G['epochs']):
+            copy_checkpoint(latest, str(self.dir / f'epoch_{run.epoch}'))
+        self.log.info(f'saved {latest}' + ('' if epoch_end else f' (epoch {run.epoch + 1}, step {run.epoch_step}/'
+                                                                   f'{self.steps_per_epoch})')
+                      + (f' and best (top-1 {run.best["metric"]:.2f}%, {run.best["weights"]})' if is_best else ''))
 
 
 def build_data(cfg, env, log):
@@ -167,14 +231,12 @@ def main(argv=None) -> dict:
                                    init_loss_scaling=A['init_loss_scaling'])
 
     # ---- resume: everything that makes the continued run identical to an uninterrupted one
-    run = {'epoch': 0, 'epoch_step': 0, 'step': 0, 'best': {'metric': -1.0, 'epoch': 0}}
-    states = {}
+    run, states = RunState(), {}
     if resume:
         states = load_resume(resume, model, optimizer, scaler)
-        run.update({k: states.get(k, 0) for k in ('epoch', 'epoch_step', 'step')}, best=states['best'])
-        log.info(f'resumed {resume}: epoch {run["epoch"]}' + (f' (+{run["epoch_step"]} steps)' if run['epoch_step']
-                                                               else '') + f', step {run["step"]}, best '
-                 f'{run["best"]["metric"]:.2f}')
+        run = RunState(**{k: states.get(k, 0) for k in ('epoch', 'epoch_step', 'step')}, best=states['best'])
+        log.info(f'resumed {resume}: epoch {run.epoch}' + (f' (+{run.epoch_step} steps)' if run.epoch_step else '')
+                 + f', step {run.step}, best {run.best["metric"]:.2f}')
     ema = ModelEma(model, cfg['EMA']['decay']) if cfg['EMA']['decay'] > 0 else None  # from the loaded weights
     if ema and states.get('ema'):
         ema.set_state_dict(states['ema'])
@@ -187,33 +249,20 @@ def main(argv=None) -> dict:
     # first) trips; then the gradients are all-reduced once after the backward pass instead
     allreduce_after = env.world_size > 1 and cfg['Model']['recompute']
 
-    def save(metrics=None, is_best=False, epoch_end=True):
-        """latest always; best when it improved; epoch_N every Global.save_epoch_freq epochs and after the last."""
-        if not env.is_main:
-            return
-        states = dict(run, metrics=metrics or {}, ema=ema.state_dict() if ema else None,
-                      scaler=scaler.state_dict(), config=cfg, class_names=train_set.class_names)
-        save_checkpoint(str(out_dir / 'latest'), model.state_dict(), optimizer_state(optimizer, model), states)
-        if is_best:
-            copy_checkpoint(str(out_dir / 'latest'), str(out_dir / 'best'))
-        epoch = run['epoch']
-        if epoch_end and (epoch % G['save_epoch_freq'] == 0 or epoch == G['epochs']):
-            copy_checkpoint(str(out_dir / 'latest'), str(out_dir / f'epoch_{epoch}'))
-        log.info(f'saved {out_dir}/latest' + (f' (epoch {epoch + 1}, step {run["epoch_step"]}/{steps_per_epoch})'
-                                               if not epoch_end else '')
-                 + (f' and best (top-1 {run["best"]["metric"]:.2f}%, {run["best"]["weights"]})' if is_best else ''))
+    learner = Learner(model, net, optimizer, schedule, scaler, ema)
+    checkpoints = Checkpoints(cfg, train_set.class_names, steps_per_epoch, log, enabled=env.is_main)
 
     # ---- the loop
     metrics, history = {}, []  # history: training loss of every optimizer step (this process)
     mixup = Mixup(D['mixup'], D['cutmix'], D['mix_prob'], D['label_smoothing'], cfg['Model']['num_classes'])
     amp_ctx = amp_context(A)
-    timer = StepTimer(steps_left=total_steps - run['step'], evals_left=sum(
-        1 for e in range(run['epoch'] + 1, G['epochs'] + 1) if e % G['eval_freq'] == 0 or e == G['epochs']))
-    while run['epoch'] < G['epochs']:
-        epoch = run['epoch']
+    evals_left = sum(due(e, G['eval_freq'], G['epochs']) for e in range(run.epoch + 1, G['epochs'] + 1))
+    timer = StepTimer(steps_left=total_steps - run.step, evals_left=evals_left)
+    while run.epoch < G['epochs']:
+        epoch = run.epoch
         net.train()
         train_set.set_epoch(epoch)
-        first_micro = run['epoch_step'] * accum  # a mid-epoch checkpoint's position
+        first_micro = run.epoch_step * accum  # a mid-epoch checkpoint's position
         # one order for all ranks; the epoch ends after the last micro-batch an optimizer step uses
         train_loader.batch_sampler.set_epoch(stream_seed(G['seed'], epoch, 0, rank=0), start=first_micro,
                                              stop=steps_per_epoch * accum)
@@ -251,7 +300,7 @@ def main(argv=None) -> dict:
             loss_value = float(step_loss)  # one device sync per optimizer step
             if not math.isfinite(loss_value):
                 raise FloatingPointError(
-                    f'loss is {loss_value} at epoch {epoch + 1}, optimizer step {run["step"] + 1}: stopping before '
+                    f'loss is {loss_value} at epoch {epoch + 1}, optimizer step {run.step + 1}: stopping before '
                     f'the update. The last good checkpoint is {out_dir}/latest (resume with '
                     f'-o Global.resume=auto); consider a lower Optimizer.lr.')
             scaler.step(optimizer)  # unscales, clips (Optimizer.clip_grad), skips the step on fp16 overflow
@@ -260,36 +309,36 @@ def main(argv=None) -> dict:
             schedule.step()
             if ema:
                 ema.update(model)
-            run['step'] += 1
-            run['epoch_step'] += 1
+            run.step += 1
+            run.epoch_step += 1
             history.append(loss_value)
             loss_sum, loss_n, step_loss = loss_sum + loss_value, loss_n + 1, 0.0
             timer.step()
 
-            log.progress(run['epoch_step'], steps_per_epoch, f'loss {loss_value:.4f}')
-            if run['step'] % G['print_freq'] == 0 or run['epoch_step'] == steps_per_epoch:
+            log.progress(run.epoch_step, steps_per_epoch, f'loss {loss_value:.4f}')
+            if run.step % G['print_freq'] == 0 or run.epoch_step == steps_per_epoch:
                 ips = seen * env.world_size / (time.perf_counter() - t_log)
                 lr = optimizer.get_lr()
-                log.info(f'epoch {epoch + 1}/{G["epochs"]} step {run["epoch_step"]}/{steps_per_epoch} '
+                log.info(f'epoch {epoch + 1}/{G["epochs"]} step {run.epoch_step}/{steps_per_epoch} '
                          f'loss {loss_sum / loss_n:.4f} lr {lr:.3e} {ips:.1f} img/s eta {timer.eta()} '
                          f'mem {peak_memory_gb(env.device):.2f}G')
-                log.scalar('train/loss', loss_sum / loss_n, run['step'])
-                log.scalar('train/lr', lr, run['step'])
-                log.scalar('train/images_per_sec', ips, run['step'])
+                log.scalar('train/loss', loss_sum / loss_n, run.step)
+                log.scalar('train/lr', lr, run.step)
+                log.scalar('train/images_per_sec', ips, run.step)
                 loss_sum, loss_n, seen, t_log = 0.0, 0, 0, time.perf_counter()
-            if G['save_interval_steps'] and run['step'] % G['save_interval_steps'] == 0 \
-                    and run['epoch_step'] < steps_per_epoch:
-                save(epoch_end=False)  # mid-epoch: a killed run loses at most save_interval_steps steps
+            if G['save_interval_steps'] and run.step % G['save_interval_steps'] == 0 \
+                    and run.epoch_step < steps_per_epoch:
+                checkpoints.save(run, learner)  # mid-epoch: a killed run loses at most save_interval_steps steps
         if skipped.count:
             log.info(f'{skipped.count} unreadable training images skipped so far')
         if epoch_images == 0:
             raise DataError(f'no training image of epoch {epoch + 1} could be read ({skipped.count} unreadable, '
                             f'listed above): check Data.train_root (README, Preparing data)')
-        run['epoch'], run['epoch_step'] = epoch + 1, 0
+        run.epoch, run.epoch_step = epoch + 1, 0
 
         # ---- evaluate raw and EMA weights, keep the best
         is_best, metrics = False, {}  # the checkpoint's metrics are this epoch's, or none
-        if run['epoch'] % G['eval_freq'] == 0 or run['epoch'] == G['epochs']:
+        if due(run.epoch, G['eval_freq'], G['epochs']):
             timer.pause()
             metrics = {'raw': evaluate(model, val_loader, env.world_size, A, skipped_val)}
             if ema:
@@ -297,20 +346,17 @@ def main(argv=None) -> dict:
                 metrics['ema'] = evaluate(ema_model, val_loader, env.world_size, A, skipped_val)
             timer.resume(evaluated=True)
             for kind, m in metrics.items():
-                log.info(f'epoch {run["epoch"]} eval ({kind}): top-1 {m["top1"]:.2f}% top-5 {m["top5"]:.2f}% '
+                log.info(f'epoch {run.epoch} eval ({kind}): top-1 {m["top1"]:.2f}% top-5 {m["top5"]:.2f}% '
                          f'loss {m["loss"]:.4f} ({m["images"]} images, {m["images_per_sec"]:.1f} img/s)')
                 for name in ('top1', 'top5', 'loss'):
-                    log.scalar(f'eval_{kind}/{name}', m[name], run['epoch'])
-            which = G['eval_weights'] if G['eval_weights'] in metrics else 'raw'
-            is_best = metrics[which]['top1'] > run['best']['metric']
-            if is_best:
-                run['best'] = {'metric': metrics[which]['top1'], 'epoch': run['epoch'], 'weights': which}
-        save(metrics, is_best)
-    best = run['best']
+                    log.scalar(f'eval_{kind}/{name}', m[name], run.epoch)
+            is_best = run.keep_if_best(metrics, G['eval_weights'])
+        checkpoints.save(run, learner, metrics, is_best)
+    best = run.best
     log.info(f'done: best top-1 {best["metric"]:.2f}% at epoch {best["epoch"]} ({out_dir}/best)')
     log.info(next_commands(args.config, args.override, out_dir))
     log.close()
-    return {'best': best, 'metrics': metrics, 'step': run['step'], 'history': history, 'model': model,
+    return {'best': best, 'metrics': metrics, 'step': run.step, 'history': history, 'model': model,
             'global_batch': plan['global_batch'], 'steps_per_epoch': steps_per_epoch}
 
 
