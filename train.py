@@ -9,8 +9,10 @@
         train.py -c configs/maxvit_t.yaml                               # the same line on every machine
 
 main() reads top to bottom: config -> device and seed -> data -> step plan -> model, optimizer, AMP, EMA ->
-resume -> the loop (train_steps for an epoch, evaluation of the raw and EMA weights, checkpoints). Only rank 0
-writes logs and checkpoints. The recipe's numbers are in common/config.py (DEFAULTS) and configs/*.yaml.
+resume -> the loop: train_epoch (one epoch of optimizer steps), evaluate_epoch (the raw and EMA weights) when it
+is due, Checkpoints.save. A RunState (epoch, step, best) says where the run is and a Learner (model, optimizer,
+lr schedule, loss scaler, EMA) holds what its steps change; a checkpoint saves both. Only rank 0 writes logs and
+checkpoints. The recipe's numbers are in common/config.py (DEFAULTS) and configs/*.yaml.
 
 Every random stream (dropout, drop path, Mixup) restarts at each micro-batch from (seed, epoch, micro-batch,
 rank), and each image's augmentation from (seed, epoch, image), so a run resumed from any checkpoint, at an
@@ -60,6 +62,67 @@ def due(epoch: int, every: int, epochs: int) -> bool:
     """Whether what a run does every ``every`` epochs and after its last one (an evaluation: Global.eval_freq; an
     epoch_N checkpoint: Global.save_epoch_freq) is due after epoch ``epoch`` (1-based) of ``epochs``."""
     return epoch % every == 0 or epoch == epochs
+
+
+def build_data(cfg, env, log):
+    """Training and validation sets and loaders; checks that both have the model's classes."""
+    D = cfg['Data']
+    with env.main_first():  # rank 0 writes the built-in dataset when it is missing; the others wait and read it
+        train_set, val_set = build_dataset(cfg, 'train', log.info), build_dataset(cfg, 'val', log.info)
+    num_classes = cfg['Model']['num_classes']
+    if num_classes != len(train_set.class_names):
+        raise ConfigError(f"Model.num_classes is {num_classes} but {D['train_root']} has {len(train_set.class_names)} "
+                          f"classes: set -o Model.num_classes={len(train_set.class_names)}")
+    # a missing class folder would shift every label after it (a file list may just lack the last classes)
+    names, val_names = train_set.class_names, val_set.class_names
+    if val_names != names[:len(val_names)] or (D['format'] != 'filelist' and len(val_names) != len(names)):
+        raise DataError(f"the validation classes ({len(val_names)}, {D['val_root']}) are not the training "
+                        f"classes ({len(names)}, {D['train_root']}): both need the same class folders or label "
+                        f"names (README, Preparing data)")
+    train_loader = build_loader(train_set, cfg, train=True, rank=env.rank, world_size=env.world_size)
+    val_loader = build_loader(val_set, cfg, train=False, rank=env.rank, world_size=env.world_size)
+    return train_set, val_set, train_loader, val_loader
+
+
+def plan_steps(cfg, env, train_set, train_loader) -> dict:
+    """Global batch = batch per process x processes x accumulation steps; steps per epoch; the peak lr."""
+    D, O, G = cfg['Data'], cfg['Optimizer'], cfg['Global']
+    per_step = D['batch_size'] * env.world_size
+    accum = max(1, round(O['global_batch_size'] / per_step)) if O['global_batch_size'] else 1
+    global_batch = per_step * accum
+    steps_per_epoch = len(train_loader) // accum
+    if G['max_steps_per_epoch']:
+        steps_per_epoch = min(steps_per_epoch, G['max_steps_per_epoch'])
+    if steps_per_epoch < 1:
+        raise ConfigError(f'{len(train_set)} training images make no full optimizer step of {global_batch} images: '
+                          f'lower Optimizer.global_batch_size or Data.batch_size')
+    return {'accum': accum, 'global_batch': global_batch, 'steps_per_epoch': steps_per_epoch,
+            'total_steps': G['epochs'] * steps_per_epoch,
+            'peak_lr': O['lr'] * global_batch / O['base_batch_size']}  # linear scaling rule
+
+
+def resume_point(cfg, env, out_dir: Path):
+    """The checkpoint to resume: Global.resume, or OUTPUT_DIR/latest when it is 'auto' and one exists."""
+    resume = cfg['Global']['resume']
+    if resume != 'auto':
+        return resume
+    with env.main_first():  # rank 0 finishes or discards a save that a kill interrupted, before the others look
+        recover(str(out_dir / 'latest'))
+    return str(out_dir / 'latest') if (out_dir / 'latest.pdstates').exists() else None
+
+
+def load_resume(resume: str, model, optimizer, scaler) -> dict:
+    """Restore model, optimizer (with its lr schedule) and loss scaler; return the checkpoint's other states."""
+    model_state, opt_state, states = load_checkpoint(resolve_prefix(resume))
+    set_model_state(model, adapt_state_dict(model, model_state)[0])  # strict: a changed Model.* is an error
+    try:
+        load_optimizer_state(optimizer, model, opt_state)
+    except KeyError as e:
+        raise CheckpointError(f'{resume}: its optimizer state has no entry for {e}; was Model.* or '
+                              f'Optimizer.* changed since it was saved? Start a new run instead') from None
+    if states['scaler']:  # empty when fp16 loss scaling was off: then the scaler starts fresh
+        scaler.load_state_dict(states['scaler'])
+    return states
 
 
 @dataclass
@@ -118,65 +181,123 @@ class Checkpoints:
                       + (f' and best (top-1 {run.best["metric"]:.2f}%, {run.best["weights"]})' if is_best else ''))
 
 
-def build_data(cfg, env, log):
-    """Training and validation sets and loaders; checks that both have the model's classes."""
-    D = cfg['Data']
-    with env.main_first():  # rank 0 writes the built-in dataset when it is missing; the others wait and read it
-        train_set, val_set = build_dataset(cfg, 'train', log.info), build_dataset(cfg, 'val', log.info)
-    num_classes = cfg['Model']['num_classes']
-    if num_classes != len(train_set.class_names):
-        raise ConfigError(f"Model.num_classes is {num_classes} but {D['train_root']} has "
-                          f"{len(train_set.class_names)} classes: set -o Model.num_classes={len(train_set.class_names)}")
-    # a missing class folder would shift every label after it (a file list may just lack the last classes)
-    names, val_names = train_set.class_names, val_set.class_names
-    if val_names != names[:len(val_names)] or (D['format'] != 'filelist' and len(val_names) != len(names)):
-        raise DataError(f"the validation classes ({len(val_names)}, {D['val_root']}) are not the training "
-                        f"classes ({len(names)}, {D['train_root']}): both need the same class folders or label "
-                        f"names (README, Preparing data)")
-    train_loader = build_loader(train_set, cfg, train=True, rank=env.rank, world_size=env.world_size)
-    val_loader = build_loader(val_set, cfg, train=False, rank=env.rank, world_size=env.world_size)
-    return train_set, val_set, train_loader, val_loader
+class GradientAllReduce:
+    """When the processes' gradients are averaged (one process: never). DataParallel all-reduces them from hooks
+    in the backward pass, which under accumulation run on the last micro-batch only (the others run under its
+    no_sync). Model.recompute runs a second backward pass inside the first, which trips those hooks: then every
+    backward pass runs under no_sync and the gradients are all-reduced once, after the last micro-batch's."""
+
+    def __init__(self, net: paddle.nn.Layer, world_size: int, recompute: bool):
+        self.net = net
+        self.by_hooks = world_size > 1 and not recompute
+        self.after_backward = world_size > 1 and recompute
+
+    def around_backward(self, last_micro: bool):
+        """The context of one micro-batch's forward and backward pass."""
+        return self.net.no_sync() if self.after_backward or (self.by_hooks and not last_micro) else nullcontext()
+
+    def after_accumulation(self) -> None:
+        """Call after the last micro-batch's backward pass, before the optimizer step."""
+        if self.after_backward:
+            fused_allreduce_gradients(list(self.net.parameters()), None)  # the mean over processes
 
 
-def plan_steps(cfg, env, train_set, train_loader) -> dict:
-    """Global batch = batch per process x processes x accumulation steps; steps per epoch; the peak lr."""
-    D, O, G = cfg['Data'], cfg['Optimizer'], cfg['Global']
-    per_step = D['batch_size'] * env.world_size
-    accum = max(1, round(O['global_batch_size'] / per_step)) if O['global_batch_size'] else 1
-    global_batch = per_step * accum
-    steps_per_epoch = len(train_loader) // accum
-    if G['max_steps_per_epoch']:
-        steps_per_epoch = min(steps_per_epoch, G['max_steps_per_epoch'])
-    if steps_per_epoch < 1:
-        raise ConfigError(f'{len(train_set)} training images make no full optimizer step of {global_batch} images: '
-                          f'lower Optimizer.global_batch_size or Data.batch_size')
-    return {'accum': accum, 'global_batch': global_batch, 'steps_per_epoch': steps_per_epoch,
-            'total_steps': G['epochs'] * steps_per_epoch,
-            'peak_lr': O['lr'] * global_batch / O['base_batch_size']}  # linear scaling rule
+def train_epoch(run: RunState, learner: Learner, loader, skipped: SkipReport, cfg: dict, env, plan: dict,
+                log: Logger, timer: StepTimer, checkpoints: Checkpoints) -> List[float]:
+    """Epoch run.epoch + 1 from optimizer step run.epoch_step on (0, or a mid-epoch checkpoint's position): a log
+    line every Global.print_freq steps, a checkpoint every Global.save_interval_steps steps. Returns the loss of
+    each optimizer step (this process); afterwards run.epoch counts this epoch."""
+    G, D, M = cfg['Global'], cfg['Data'], cfg['Model']
+    accum, steps, epoch = plan['accum'], plan['steps_per_epoch'], run.epoch
+    first_micro = run.epoch_step * accum
+    learner.net.train()
+    loader.dataset.set_epoch(epoch)
+    # one order for all ranks; the epoch ends after the last micro-batch an optimizer step uses
+    loader.batch_sampler.set_epoch(stream_seed(G['seed'], epoch, 0, rank=0), start=first_micro, stop=steps * accum)
+    mixup = Mixup(D['mixup'], D['cutmix'], D['mix_prob'], D['label_smoothing'], M['num_classes'])
+    amp_ctx, allreduce = amp_context(cfg['AMP']), GradientAllReduce(learner.net, env.world_size, M['recompute'])
+    losses, step_loss, epoch_images = [], 0.0, 0
+    loss_sum, loss_n, seen, t_log = 0.0, 0, 0, time.perf_counter()  # since the last log line
+    for micro, (images, labels, _, bad) in enumerate(loader, start=first_micro):
+        skipped(bad)
+        seed = stream_seed(G['seed'], epoch, micro, env.rank)
+        paddle.seed(seed)
+        mixup.seed(seed)
+        # A batch in which no image could be read still takes its turn, as a zero-weight image, so the
+        # accumulation count and every process's gradient all-reduce stay in step.
+        weight = 0.0 if batch_is_empty(labels) else 1.0
+        if not weight:
+            images = paddle.zeros([1, M['input_dim'], D['img_size'], D['img_size']])
+            labels = paddle.zeros([1], dtype='int64')
+        images, targets = mixup(images, labels)
+        last_micro = (micro + 1) % accum == 0
+        with allreduce.around_backward(last_micro):
+            with amp_ctx():
+                logits = learner.net(images)
+            loss = soft_cross_entropy(logits, targets) * weight / accum
+            learner.scaler.scale(loss).backward()
+        step_loss += loss.detach()
+        seen += int(weight) * labels.shape[0]
+        epoch_images += int(weight) * labels.shape[0]
+        if not last_micro:
+            continue
+
+        # ---- one optimizer step
+        allreduce.after_accumulation()
+        loss_value = float(step_loss)  # one device sync per optimizer step
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f'loss is {loss_value} at epoch {epoch + 1}, optimizer step {run.step + 1}: stopping before the '
+                f'update. The last good checkpoint is {checkpoints.dir}/latest (resume with -o Global.resume=auto); '
+                f'consider a lower Optimizer.lr.')
+        optimizer_step(learner)
+        run.step, run.epoch_step = run.step + 1, run.epoch_step + 1
+        losses.append(loss_value)
+        loss_sum, loss_n, step_loss = loss_sum + loss_value, loss_n + 1, 0.0
+        timer.step()
+        log.progress(run.epoch_step, steps, f'loss {loss_value:.4f}')
+        if run.step % G['print_freq'] == 0 or run.epoch_step == steps:
+            ips, lr = seen * env.world_size / (time.perf_counter() - t_log), learner.optimizer.get_lr()
+            log.info(f'epoch {epoch + 1}/{G["epochs"]} step {run.epoch_step}/{steps} loss {loss_sum / loss_n:.4f} '
+                     f'lr {lr:.3e} {ips:.1f} img/s eta {timer.eta()} mem {peak_memory_gb(env.device):.2f}G')
+            for name, value in (('loss', loss_sum / loss_n), ('lr', lr), ('images_per_sec', ips)):
+                log.scalar(f'train/{name}', value, run.step)
+            loss_sum, loss_n, seen, t_log = 0.0, 0, 0, time.perf_counter()
+        if G['save_interval_steps'] and run.step % G['save_interval_steps'] == 0 and run.epoch_step < steps:
+            checkpoints.save(run, learner)  # mid-epoch: a killed run loses at most save_interval_steps steps
+    if skipped.count:
+        log.info(f'{skipped.count} unreadable training images skipped so far')
+    if epoch_images == 0:
+        raise DataError(f'no training image of epoch {epoch + 1} could be read ({skipped.count} unreadable, '
+                        f'listed above): check Data.train_root (README, Preparing data)')
+    run.epoch, run.epoch_step = epoch + 1, 0
+    return losses
 
 
-def resume_point(cfg, env, out_dir: Path):
-    """The checkpoint to resume: Global.resume, or OUTPUT_DIR/latest when it is 'auto' and one exists."""
-    resume = cfg['Global']['resume']
-    if resume != 'auto':
-        return resume
-    with env.main_first():  # rank 0 finishes or discards a save that a kill interrupted, before the others look
-        recover(str(out_dir / 'latest'))
-    return str(out_dir / 'latest') if (out_dir / 'latest.pdstates').exists() else None
+def optimizer_step(learner: Learner) -> None:
+    """One update from the accumulated gradients; the lr schedule and the EMA follow it."""
+    learner.scaler.step(learner.optimizer)  # unscales, clips (Optimizer.clip_grad), skips the step on fp16 overflow
+    learner.scaler.update()
+    learner.optimizer.clear_grad()
+    learner.schedule.step()
+    if learner.ema:
+        learner.ema.update(learner.model)
 
 
-def load_resume(resume: str, model, optimizer, scaler) -> dict:
-    """Restore model, optimizer (with its lr schedule) and loss scaler; return the checkpoint's other states."""
-    model_state, opt_state, states = load_checkpoint(resolve_prefix(resume))
-    set_model_state(model, adapt_state_dict(model, model_state)[0])  # strict: a changed Model.* is an error
-    try:
-        load_optimizer_state(optimizer, model, opt_state)
-    except KeyError as e:
-        raise CheckpointError(f'{resume}: its optimizer state has no entry for {e}; was Model.* or '
-                              f'Optimizer.* changed since it was saved? Start a new run instead') from None
-    if states['scaler']:  # empty when fp16 loss scaling was off: then the scaler starts fresh
-        scaler.load_state_dict(states['scaler'])
-    return states
+def evaluate_epoch(epoch: int, learner: Learner, ema_model, loader, skipped: SkipReport, cfg: dict, env,
+                   log: Logger) -> dict:
+    """Top-1, top-5 and loss on the validation set of the raw weights and, with EMA, of the EMA weights (in
+    ``ema_model``), logged and written as scalars: {'raw': ..., 'ema': ...}."""
+    metrics = {'raw': evaluate(learner.model, loader, env.world_size, cfg['AMP'], skipped)}
+    if learner.ema:
+        ema_model.set_state_dict(learner.ema.state)
+        metrics['ema'] = evaluate(ema_model, loader, env.world_size, cfg['AMP'], skipped)
+    for kind, m in metrics.items():
+        log.info(f'epoch {epoch} eval ({kind}): top-1 {m["top1"]:.2f}% top-5 {m["top5"]:.2f}% loss {m["loss"]:.4f} '
+                 f'({m["images"]} images, {m["images_per_sec"]:.1f} img/s)')
+        for name in ('top1', 'top5', 'loss'):
+            log.scalar(f'eval_{kind}/{name}', m[name], epoch)
+    return metrics
 
 
 def next_commands(config: str, overrides, out_dir: Path) -> str:
@@ -209,10 +330,10 @@ def main(argv=None) -> dict:
     train_set, val_set, train_loader, val_loader = build_data(cfg, env, log)
     skipped, skipped_val = SkipReport(train_set, log.info), SkipReport(val_set, log.info)
     plan = plan_steps(cfg, env, train_set, train_loader)
-    accum, steps_per_epoch, total_steps = plan['accum'], plan['steps_per_epoch'], plan['total_steps']
     log.info(f'{len(train_set)} train / {len(val_set)} val images, {len(train_set.class_names)} classes; global '
-             f'batch {plan["global_batch"]} = {D["batch_size"]} x {env.world_size} processes x {accum} '
-             f'accumulation; {steps_per_epoch} steps/epoch, {total_steps} steps; peak lr {plan["peak_lr"]:.3g}')
+             f'batch {plan["global_batch"]} = {D["batch_size"]} x {env.world_size} processes x {plan["accum"]} '
+             f'accumulation; {plan["steps_per_epoch"]} steps/epoch, {plan["total_steps"]} steps; peak lr '
+             f'{plan["peak_lr"]:.3g}')
 
     # ---- model, optimizer, AMP, EMA
     resume = resume_point(cfg, env, out_dir)
@@ -224,7 +345,7 @@ def main(argv=None) -> dict:
                                              new_classifier=True)  # ema: a checkpoint's EMA weights
         log.info(f'initialised from {what}' + (f'; new classifier (not loaded): {", ".join(new)}' if new else '')
                  + (f'; bias tables resized to the new window: {len(resized)}' if resized else ''))
-    optimizer, schedule = build_optimizer(model, cfg, plan['peak_lr'], total_steps)
+    optimizer, schedule = build_optimizer(model, cfg, plan['peak_lr'], plan['total_steps'])
     if A['enable'] and A['level'] == 'O2':
         model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level='O2', dtype=A['dtype'])
     scaler = paddle.amp.GradScaler(enable=A['enable'] and A['dtype'] == 'float16',
@@ -240,124 +361,32 @@ def main(argv=None) -> dict:
     ema = ModelEma(model, cfg['EMA']['decay']) if cfg['EMA']['decay'] > 0 else None  # from the loaded weights
     if ema and states.get('ema'):
         ema.set_state_dict(states['ema'])
-    ema_model = build_model(cfg) if ema else None
+    ema_model = build_model(cfg) if ema else None  # evaluates the EMA weights
     if G['to_static']:  # the forward (and so its backward) as a static program, one per input shape; CINN on GPU
         model = paddle.jit.to_static(model, full_graph=True)  # the same Layer: same parameters and checkpoints
         log.info('compiled: paddle.jit.to_static (the first step of each input shape, train and eval, traces it)')
     net = paddle.DataParallel(model) if env.world_size > 1 else model
-    # DataParallel all-reduces from hooks in backward, which Model.recompute's second backward pass (inside the
-    # first) trips; then the gradients are all-reduced once after the backward pass instead
-    allreduce_after = env.world_size > 1 and cfg['Model']['recompute']
-
     learner = Learner(model, net, optimizer, schedule, scaler, ema)
-    checkpoints = Checkpoints(cfg, train_set.class_names, steps_per_epoch, log, enabled=env.is_main)
+    checkpoints = Checkpoints(cfg, train_set.class_names, plan['steps_per_epoch'], log, enabled=env.is_main)
 
-    # ---- the loop
+    # ---- the loop: an epoch, the evaluation when it is due, a checkpoint
     metrics, history = {}, []  # history: training loss of every optimizer step (this process)
-    mixup = Mixup(D['mixup'], D['cutmix'], D['mix_prob'], D['label_smoothing'], cfg['Model']['num_classes'])
-    amp_ctx = amp_context(A)
     evals_left = sum(due(e, G['eval_freq'], G['epochs']) for e in range(run.epoch + 1, G['epochs'] + 1))
-    timer = StepTimer(steps_left=total_steps - run.step, evals_left=evals_left)
+    timer = StepTimer(steps_left=plan['total_steps'] - run.step, evals_left=evals_left)
     while run.epoch < G['epochs']:
-        epoch = run.epoch
-        net.train()
-        train_set.set_epoch(epoch)
-        first_micro = run.epoch_step * accum  # a mid-epoch checkpoint's position
-        # one order for all ranks; the epoch ends after the last micro-batch an optimizer step uses
-        train_loader.batch_sampler.set_epoch(stream_seed(G['seed'], epoch, 0, rank=0), start=first_micro,
-                                             stop=steps_per_epoch * accum)
-        loss_sum, loss_n, seen, t_log = 0.0, 0, 0, time.perf_counter()
-        step_loss, epoch_images = 0.0, 0
-        for micro, (images, labels, _, bad) in enumerate(train_loader, start=first_micro):
-            skipped(bad)
-            seed = stream_seed(G['seed'], epoch, micro, env.rank)
-            paddle.seed(seed)
-            mixup.seed(seed)
-            # A batch in which no image could be read still takes its turn, as a zero-weight image, so the
-            # accumulation count and every process's gradient all-reduce stay in step.
-            weight = 0.0 if batch_is_empty(labels) else 1.0
-            if not weight:
-                images = paddle.zeros([1, cfg['Model']['input_dim'], D['img_size'], D['img_size']])
-                labels = paddle.zeros([1], dtype='int64')
-            images, targets = mixup(images, labels)
-            last_micro = (micro + 1) % accum == 0
-            # gradients are all-reduced only on the last micro-batch of an accumulation
-            sync = nullcontext() if (last_micro and not allreduce_after) or env.world_size == 1 else net.no_sync()
-            with sync:
-                with amp_ctx():
-                    logits = net(images)
-                loss = soft_cross_entropy(logits, targets) * weight / accum
-                scaler.scale(loss).backward()
-            step_loss += loss.detach()
-            seen += int(weight) * labels.shape[0]
-            epoch_images += int(weight) * labels.shape[0]
-            if not last_micro:
-                continue
-
-            # ---- one optimizer step
-            if allreduce_after:
-                fused_allreduce_gradients(list(model.parameters()), None)  # the mean over processes
-            loss_value = float(step_loss)  # one device sync per optimizer step
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f'loss is {loss_value} at epoch {epoch + 1}, optimizer step {run.step + 1}: stopping before '
-                    f'the update. The last good checkpoint is {out_dir}/latest (resume with '
-                    f'-o Global.resume=auto); consider a lower Optimizer.lr.')
-            scaler.step(optimizer)  # unscales, clips (Optimizer.clip_grad), skips the step on fp16 overflow
-            scaler.update()
-            optimizer.clear_grad()
-            schedule.step()
-            if ema:
-                ema.update(model)
-            run.step += 1
-            run.epoch_step += 1
-            history.append(loss_value)
-            loss_sum, loss_n, step_loss = loss_sum + loss_value, loss_n + 1, 0.0
-            timer.step()
-
-            log.progress(run.epoch_step, steps_per_epoch, f'loss {loss_value:.4f}')
-            if run.step % G['print_freq'] == 0 or run.epoch_step == steps_per_epoch:
-                ips = seen * env.world_size / (time.perf_counter() - t_log)
-                lr = optimizer.get_lr()
-                log.info(f'epoch {epoch + 1}/{G["epochs"]} step {run.epoch_step}/{steps_per_epoch} '
-                         f'loss {loss_sum / loss_n:.4f} lr {lr:.3e} {ips:.1f} img/s eta {timer.eta()} '
-                         f'mem {peak_memory_gb(env.device):.2f}G')
-                log.scalar('train/loss', loss_sum / loss_n, run.step)
-                log.scalar('train/lr', lr, run.step)
-                log.scalar('train/images_per_sec', ips, run.step)
-                loss_sum, loss_n, seen, t_log = 0.0, 0, 0, time.perf_counter()
-            if G['save_interval_steps'] and run.step % G['save_interval_steps'] == 0 \
-                    and run.epoch_step < steps_per_epoch:
-                checkpoints.save(run, learner)  # mid-epoch: a killed run loses at most save_interval_steps steps
-        if skipped.count:
-            log.info(f'{skipped.count} unreadable training images skipped so far')
-        if epoch_images == 0:
-            raise DataError(f'no training image of epoch {epoch + 1} could be read ({skipped.count} unreadable, '
-                            f'listed above): check Data.train_root (README, Preparing data)')
-        run.epoch, run.epoch_step = epoch + 1, 0
-
-        # ---- evaluate raw and EMA weights, keep the best
-        is_best, metrics = False, {}  # the checkpoint's metrics are this epoch's, or none
+        history += train_epoch(run, learner, train_loader, skipped, cfg, env, plan, log, timer, checkpoints)
+        metrics, is_best = {}, False  # the checkpoint's metrics are this epoch's, or none
         if due(run.epoch, G['eval_freq'], G['epochs']):
             timer.pause()
-            metrics = {'raw': evaluate(model, val_loader, env.world_size, A, skipped_val)}
-            if ema:
-                ema_model.set_state_dict(ema.state)
-                metrics['ema'] = evaluate(ema_model, val_loader, env.world_size, A, skipped_val)
+            metrics = evaluate_epoch(run.epoch, learner, ema_model, val_loader, skipped_val, cfg, env, log)
             timer.resume(evaluated=True)
-            for kind, m in metrics.items():
-                log.info(f'epoch {run.epoch} eval ({kind}): top-1 {m["top1"]:.2f}% top-5 {m["top5"]:.2f}% '
-                         f'loss {m["loss"]:.4f} ({m["images"]} images, {m["images_per_sec"]:.1f} img/s)')
-                for name in ('top1', 'top5', 'loss'):
-                    log.scalar(f'eval_{kind}/{name}', m[name], run.epoch)
             is_best = run.keep_if_best(metrics, G['eval_weights'])
         checkpoints.save(run, learner, metrics, is_best)
-    best = run.best
-    log.info(f'done: best top-1 {best["metric"]:.2f}% at epoch {best["epoch"]} ({out_dir}/best)')
+    log.info(f'done: best top-1 {run.best["metric"]:.2f}% at epoch {run.best["epoch"]} ({out_dir}/best)')
     log.info(next_commands(args.config, args.override, out_dir))
     log.close()
-    return {'best': best, 'metrics': metrics, 'step': run.step, 'history': history, 'model': model,
-            'global_batch': plan['global_batch'], 'steps_per_epoch': steps_per_epoch}
+    return {'best': run.best, 'metrics': metrics, 'step': run.step, 'history': history, 'model': model,
+            'global_batch': plan['global_batch'], 'steps_per_epoch': plan['steps_per_epoch']}
 
 
 if __name__ == '__main__':
