@@ -16,6 +16,7 @@ from common.config import ConfigError, add_config_args, build_model, load_config
 from common.data import DataError, SkipReport, build_dataset, build_loader
 from common.device import setup
 from common.evaluate import evaluate
+from common.fast_layers import use_fast_layers
 
 
 def main(argv=None) -> dict:
@@ -36,6 +37,7 @@ def main(argv=None) -> dict:
                           f"{classes} classes: set -o Model.num_classes={classes}")
     loader = build_loader(dataset, cfg, train=False, rank=env.rank, world_size=env.world_size)
     model = build_model(cfg)
+    model = use_fast_layers(model)  # the CPU kernels and memory-saving backward passes; Paddle's own ops without it
     _, _, what = load_pretrained(model, g['pretrained_model'], ema=g['eval_weights'] == 'ema')
     skipped = SkipReport(dataset, lambda msg: print(msg, file=sys.stderr, flush=True))
     metrics = evaluate(model, loader, env.world_size, cfg['AMP'], skipped)

@@ -42,6 +42,7 @@ from common.config import ConfigError, add_config_args, build_model, load_config
 from common.data import DataError, SkipReport, batch_is_empty, build_dataset, build_loader
 from common.device import amp_context, peak_memory_gb, setup
 from common.evaluate import evaluate
+from common.fast_layers import use_fast_layers
 from common.logger import Logger, StepTimer
 from common.mixup import Mixup
 from common.optim import ModelEma, build_optimizer, load_optimizer_state, optimizer_state
@@ -338,6 +339,7 @@ def main(argv=None) -> dict:
     # ---- model, optimizer, AMP, EMA
     resume = resume_point(cfg, env, out_dir)
     model = build_model(cfg)
+    model = use_fast_layers(model)  # the CPU kernels and memory-saving backward passes; Paddle's own ops without it
     log.info(f'MaxViT: {sum(int(p.numel()) for p in model.parameters() if not p.stop_gradient):,} trainable '
              f'parameters')
     if G['pretrained_model'] and not resume:  # a resumed run has its own weights
@@ -361,7 +363,7 @@ def main(argv=None) -> dict:
     ema = ModelEma(model, cfg['EMA']['decay']) if cfg['EMA']['decay'] > 0 else None  # from the loaded weights
     if ema and states.get('ema'):
         ema.set_state_dict(states['ema'])
-    ema_model = build_model(cfg) if ema else None  # evaluates the EMA weights
+    ema_model = use_fast_layers(build_model(cfg)) if ema else None  # evaluates the EMA weights
     if G['to_static']:  # the forward (and so its backward) as a static program, one per input shape; CINN on GPU
         model = paddle.jit.to_static(model, full_graph=True)  # the same Layer: same parameters and checkpoints
         log.info('compiled: paddle.jit.to_static (the first step of each input shape, train and eval, traces it)')
