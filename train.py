@@ -79,7 +79,7 @@ def build_data(cfg, env, log):
     if val_names != names[:len(val_names)] or (D['format'] != 'filelist' and len(val_names) != len(names)):
         raise DataError(f"the validation classes ({len(val_names)}, {D['val_root']}) are not the training "
                         f"classes ({len(names)}, {D['train_root']}): both need the same class folders or label "
-                        f"names (README, Preparing data)")
+                        f"names (docs/training.md, Preparing data)")
     train_loader = build_loader(train_set, cfg, train=True, rank=env.rank, world_size=env.world_size)
     val_loader = build_loader(val_set, cfg, train=False, rank=env.rank, world_size=env.world_size)
     return train_set, val_set, train_loader, val_loader
@@ -270,7 +270,7 @@ def train_epoch(run: RunState, learner: Learner, loader, skipped: SkipReport, cf
         log.info(f'{skipped.count} unreadable training images skipped so far')
     if epoch_images == 0:
         raise DataError(f'no training image of epoch {epoch + 1} could be read ({skipped.count} unreadable, '
-                        f'listed above): check Data.train_root (README, Preparing data)')
+                        f'listed above): check Data.train_root (docs/training.md, Preparing data)')
     run.epoch, run.epoch_step = epoch + 1, 0
     return losses
 

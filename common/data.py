@@ -1,6 +1,6 @@
 """Datasets and loaders: image files on disk -> batches of (images, labels, indices, unreadable).
 
-Layouts on disk (README, "Preparing data"):
+Layouts on disk (docs/training.md, "Preparing data"):
 * folder:   ROOT/<class name>/<image>  (class index = position of the name in sorted order)
 * filelist: a text file of "relative/path label" lines, paths relative to ROOT (PaddleClas style)
 * shapes:   the built-in quickstart dataset (common/shapes.py): rendered shapes written once as PNG files into
@@ -28,12 +28,12 @@ from common.device import die_with_parent
 from common.shapes import SHAPES, SHAPES_PER_CLASS, make_shapes_dataset
 from common.transforms import build_transform
 
-DATA_HELP = 'see README.md, section "Preparing data"'
+DATA_HELP = 'see docs/training.md, section "Preparing data"'
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp')
 
 
 class DataError(FileNotFoundError):
-    """A dataset that is missing or unusable; the message names the path and where the README explains it."""
+    """A dataset that is missing or unusable; the message names the path and where the docs explain it."""
 
 
 # Transparent pixels are composited onto white: images with alpha are mostly logos and cut-outs made for a page.

@@ -181,8 +181,9 @@ def test_two_process_cpu_run(two_process_run):
     assert 'epoch 1/1' not in logs.get('workerlog.1', '')  # only rank 0 logs
 
 
-def test_missing_dataset_names_the_path_and_the_readme(train_args, tmp_path):
-    with pytest.raises(DataError, match=r'dataset folder not found: .*nowhere.*README.md, section "Preparing data"'):
+def test_missing_dataset_names_the_path_and_the_docs(train_args, tmp_path):
+    where = r'docs/training.md, section "Preparing data"'
+    with pytest.raises(DataError, match=rf'dataset folder not found: .*nowhere.*{where}'):
         train.main(train_args(f'Data.train_root={tmp_path / "nowhere"}'))
     with pytest.raises(DataError, match=r'file list not found: .*train.txt'):
         train.main(train_args('Data.format=filelist', f'Data.train_list={tmp_path / "train.txt"}'))
