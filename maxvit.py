@@ -40,7 +40,8 @@ from paddle.nn.layer.norm import _BatchNormBase
 __all__ = [
     'MaxViT', 'Max_Block', 'Window_Block', 'Grid_Block', 'MBConv', 'SE', 'Mlp', 'Rel_Attention',
     'Channel_Layernorm', 'DropPath', 'window_partition', 'window_reverse', 'grid_partition', 'grid_reverse',
-    'relative_position_index', 'resize_relative_bias_table', 'check_args', 'create_model', 'MODEL_ARGS', 'TF_LAYOUT', 'DEFAULT_ARGS',
+    'relative_position_index', 'resize_relative_bias_table', 'check_args', 'ArgumentError', 'create_model',
+    'MODEL_ARGS', 'TF_LAYOUT', 'DEFAULT_ARGS',
     'tiny_args', 'small_args', 'base_args', 'large_args', 'xlarge_args',
     'tiny_tf_args', 'small_tf_args', 'base_tf_args', 'large_tf_args', 'xlarge_tf_args',
 ]
@@ -128,10 +129,65 @@ MODEL_ARGS: Dict[str, Dict[str, object]] = {
 }
 
 
-def check_args(args: Dict[str, object]) -> Dict[str, object]:
-    """Return a complete, validated copy of ``args`` (missing keys take DEFAULT_ARGS values).
+class ArgumentError(ValueError):
+    """A MaxViT argument that check_args refuses: its ``key``, ``value`` and what it must be (``allowed``)."""
 
-    Raises KeyError for an unknown key (naming the closest valid one) and ValueError for a bad value.
+    def __init__(self, key: str, value, allowed: str):
+        super().__init__(f'MaxViT argument {key} is {value!r}; it must be {allowed}')
+        self.key, self.value, self.allowed = key, value, allowed
+
+
+# What each value must be, checked after its type (the type of its DEFAULT_ARGS value; qk_scale may be None).
+_AT_LEAST_1 = (lambda v: v >= 1, '>= 1')
+_RATE = (lambda v: 0 <= v < 1, 'in [0, 1) (a drop rate)')
+_RULES = {
+    'stage_num_block': (lambda v: len(v) >= 1 and min(v) >= 1, 'a non-empty list of ints >= 1 (Max_Blocks per stage)'),
+    'input_dim': (lambda v: v >= 1, '>= 1 (image channels)'),
+    'stem_dim': _AT_LEAST_1, 'stage_dim': _AT_LEAST_1, 'num_heads': _AT_LEAST_1,
+    'mbconv_ksize': (lambda v: v >= 1 and v % 2 == 1,
+                     'an odd int >= 1 (an even kernel changes the map size and breaks the residual)'),
+    'pooling_size': (lambda v: v >= 1, '>= 1 (the stride of the first MBConv of every stage)'),
+    'num_classes': (lambda v: v >= 0, '>= 0 (0 builds a model without classifier)'),
+    'block_size': (lambda v: len(v) == 2 and min(v) >= 1, 'an int or two ints >= 1 (height, width)'),
+    'grid_size': (lambda v: len(v) == 2 and min(v) >= 1, 'an int or two ints >= 1 (height, width)'),
+    'mbconv_expand_rate': (lambda v: v >= 1, '>= 1 (MBConv hidden channels = expand_rate x channels)'),
+    'se_rate': (lambda v: v > 0, '> 0 (SE hidden channels = se_rate x channels)'),
+    'mlp_ratio': (lambda v: v >= 1, '>= 1 (MLP hidden channels = mlp_ratio x channels)'),
+    'qk_scale': (lambda v: v > 0, '> 0, or null for head_dim ** -0.5'),
+    'drop': _RATE, 'attn_drop': _RATE, 'bn_eps': (lambda v: v > 0, '> 0'),
+    'drop_path': (lambda v: 0 <= v < 1, 'in [0, 1) (the stochastic depth rate of the last block)'),
+    'bn_momentum': (lambda v: 0 <= v < 1, 'in [0, 1) (running = momentum x running + (1 - momentum) x batch)'),
+}
+
+
+def _typed(key: str, value):
+    """``value`` if it has the type of ``DEFAULT_ARGS[key]`` (a float from an int, a list from a tuple), else
+    ArgumentError."""
+    default = 0.125 if key == 'qk_scale' else DEFAULT_ARGS[key]
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if key in _CHOICES:
+        ok, kind = value in _CHOICES[key], 'one of ' + ', '.join(map(repr, _CHOICES[key]))
+    elif isinstance(default, bool):
+        ok, kind = isinstance(value, bool), 'true or false'
+    elif isinstance(default, int):
+        ok, kind = is_int, f'an int like {default}'
+    elif isinstance(default, float):
+        ok, kind = (is_int or isinstance(value, float)) and math.isfinite(value), f'a finite number like {default}'
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        kind, value = f'a list of ints like {default}', list(value) if ok else value
+    if not ok:
+        raise ArgumentError(key, value, ('null or ' if key == 'qk_scale' else '') + kind)
+    return value
+
+
+def check_args(args: Dict[str, object]) -> Dict[str, object]:
+    """Return a complete, validated copy of ``args``: missing keys take DEFAULT_ARGS values, an int block_size or
+    grid_size is a square, an int where a float is documented becomes a float.
+
+    Raises KeyError for an unknown key (naming the closest valid one) and ArgumentError (a ValueError naming the
+    key, the value and what it must be) for a value of the wrong type or out of its range.
     """
     unknown = [k for k in args if k not in DEFAULT_ARGS]
     if unknown:
@@ -141,23 +197,20 @@ def check_args(args: Dict[str, object]) -> Dict[str, object]:
             hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ''))
         raise KeyError(f"unknown MaxViT argument(s): {', '.join(hints)}; valid keys: {', '.join(DEFAULT_ARGS)}")
     out = dict(DEFAULT_ARGS, **args)
-    for key, choices in _CHOICES.items():
-        if out[key] not in choices:
-            raise ValueError(f"MaxViT argument {key}={out[key]!r} is not one of {choices}")
     for key in ('block_size', 'grid_size'):
-        size = out[key]
-        size = [size, size] if isinstance(size, int) else list(size)
-        if len(size) != 2 or min(size) < 1:
-            raise ValueError(f"MaxViT argument {key} must be two positive ints (height, width), got {out[key]!r}")
-        out[key] = size
-    if not isinstance(out['recompute'], bool):
-        raise ValueError(f"MaxViT argument recompute must be True or False, got {out['recompute']!r}")
-    if not out['stage_num_block'] or min(out['stage_num_block']) < 1:
-        raise ValueError(f"stage_num_block must list at least one block per stage, got {out['stage_num_block']!r}")
-    for i in range(len(out['stage_num_block'])):
-        dim, heads = out['stage_dim'] * 2 ** i, out['num_heads'] * 2 ** i
-        if dim % heads:
-            raise ValueError(f"stage {i}: {dim} channels do not split into {heads} heads")
+        if isinstance(out[key], int) and not isinstance(out[key], bool):
+            out[key] = [out[key], out[key]]
+    for key, value in out.items():
+        if key == 'qk_scale' and value is None:  # head_dim ** -0.5
+            continue
+        out[key] = value = _typed(key, value)
+        test, allowed = _RULES.get(key, (None, ''))
+        if test is not None and not test(value):
+            raise ArgumentError(key, value, allowed)
+    if out['stage_dim'] % out['num_heads']:  # stage i has stage_dim * 2**i channels and num_heads * 2**i heads
+        raise ArgumentError('num_heads', out['num_heads'],
+                            f"a divisor of stage_dim ({out['stage_dim']}): every stage splits its channels evenly "
+                            f"into heads")
     return out
 
 
