@@ -1,124 +1,183 @@
 """Configs: YAML files with PaddleClas-style sections, `-o Section.key=value` overrides, strict validation.
 
-Every valid key is listed in DEFAULTS below (Model keys: maxvit.DEFAULT_ARGS). A key that is not there is an
-error naming the closest valid key; an override value is parsed with yaml.safe_load (never eval) and must have
-the type of the default. Every value is then checked against its rule (_RULES: ranges, choices, lengths, and the
-cross-key rules: Optimizer.min_lr <= lr, Data.mean/std of Model.input_dim values, Data.img_size >= the model's
-stride). A file is read as UTF-8 by a SafeLoader that refuses duplicate keys. Every error is one ConfigError line
+The Model section is maxvit's own argument dict: its keys are maxvit.DEFAULT_ARGS and maxvit.check_args checks
+them. Every other section is a pydantic model below (Global, Data, Optimizer, EMA, AMP), whose fields list every key
+with its default, its type, its rule and a description. A key that is not there is an error naming the closest
+valid key; a value must have the key's type (an int is accepted for a float), and then meet its rule: a range, a
+choice, or a cross-key rule (Optimizer.min_lr <= lr; Data.mean/std of Model.input_dim values; Data.img_size >= the
+model's stride; Global.to_static not with Model.recompute). A file, and an override's value, is read by a YAML
+SafeLoader that refuses duplicate keys and reads 1e-3 as a number (never eval). Every error is one ConfigError line
 naming the file (or the -o override), the key, its value and what it must be, e.g.
-    configs/quickstart.yaml: Optimizer.lr is -1.0; it must be > 0 (the peak learning rate at Optimizer.base_batch_size)
+    -o Optimizer.lr=-1: Optimizer.lr is -1.0; it must be > 0 (the peak learning rate at Optimizer.base_batch_size, ...)
 """
-from __future__ import annotations
-
 import copy
 import difflib
-import math
+import re
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Annotated, Dict, Iterable, List, Literal, Optional, Union, get_args, get_origin
 
+import annotated_types
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
-import maxvit
-from maxvit import DEFAULT_ARGS, MaxViT, check_args
-
-# Paper recipe (ImageNet-1K, Table 12 of arXiv:2204.01697) unless a comment says otherwise.
-DEFAULTS: Dict[str, Dict[str, object]] = {
-    'Global': {
-        'output_dir': 'output/maxvit',  # checkpoints, train.log and VisualDL logs go here
-        'epochs': 300,
-        'seed': 42,
-        'device': 'auto',                # 'auto' (GPU if this Paddle build has one), 'gpu', 'cpu'
-        'print_freq': 50,                # console/VisualDL line every N optimizer steps
-        'eval_freq': 1,                  # evaluate every N epochs (and after the last)
-        'save_epoch_freq': 10,           # keep epoch_N checkpoints every N epochs (latest/best always kept)
-        'pretrained_model': None,        # .pdparams to initialise from (fine-tuning), or to evaluate
-        'resume': None,                  # checkpoint prefix to resume, or 'auto' for OUTPUT_DIR/latest
-        'eval_weights': 'ema',           # eval.py: 'ema' or 'raw' weights of a training checkpoint
-        'max_steps_per_epoch': None,     # cap on optimizer steps per epoch (smoke tests, debugging)
-        'save_interval_steps': None,     # also save OUTPUT_DIR/latest every N optimizer steps (mid-epoch resume)
-        'use_visualdl': True,
-        'to_static': False,              # train (and evaluate) through paddle.jit.to_static: one compiled program
-                                         # per input shape (CINN behind it on GPU builds); same results
-    },
-    'Model': dict(DEFAULT_ARGS),
-    'Data': {
-        'format': 'folder',              # 'folder': ROOT/<class>/*.jpg; 'filelist': lines "relative/path label";
-                                         # 'shapes': the built-in quickstart data, written to the roots if missing
-        'train_root': 'data/ILSVRC2012/train',
-        'val_root': 'data/ILSVRC2012/val',
-        'train_list': None,              # filelist format: list files, paths relative to *_root
-        'val_list': None,
-        'label_names': None,             # filelist format: optional file with one class name per line
-        'img_size': 224,
-        'batch_size': 64,                # per device (process)
-        'num_workers': 8,
-        'use_shared_memory': True,       # faster worker -> trainer transfer; false where /dev/shm is small (Docker)
-        'interpolation': 'bicubic',
-        'crop_pct': 0.95,                # eval: resize short side to img_size / crop_pct, center crop
-        'crop_mode': 'center',           # eval: 'center' (keep aspect, center crop) or 'squash' (resize to a square)
-        'mean': [0.485, 0.456, 0.406],
-        'std': [0.229, 0.224, 0.225],
-        'scale': [0.08, 1.0],            # RandomResizedCrop area range
-        'hflip': 0.5,
-        'randaugment_ops': 2,            # RandAugment layers (0 disables)
-        'randaugment_magnitude': 15,
-        'mixup': 0.8,                    # Mixup alpha (0 disables)
-        'cutmix': 0.0,                   # CutMix alpha (0 disables); with both, each batch picks one
-        'mix_prob': 1.0,                 # probability that a batch is mixed at all
-        'label_smoothing': 0.1,
-    },
-    'Optimizer': {
-        'lr': 3e-3,                      # peak lr at base_batch_size, scaled linearly to the global batch
-        'base_batch_size': 4096,
-        'global_batch_size': 4096,       # gradient accumulation reaches it (None: no accumulation)
-        'min_lr': 1e-5,
-        'warmup_steps': 10000,           # linear warmup, in optimizer steps
-        'weight_decay': 0.05,            # not applied to biases, norms and relative bias tables
-        'beta1': 0.9,
-        'beta2': 0.999,
-        'epsilon': 1e-8,
-        'clip_grad': 1.0,                # global-norm clipping (0 disables)
-    },
-    'EMA': {
-        'decay': 0.9999,                 # 0 disables the EMA
-    },
-    'AMP': {
-        'enable': False,
-        'dtype': 'bfloat16',             # 'bfloat16' or 'float16' (dynamic loss scaling)
-        'level': 'O1',                   # 'O1' (per-op casts) or 'O2' (fp16/bf16 weights, fp32 master copy)
-        'init_loss_scaling': 65536.0,
-    },
-}
-
-_CHOICES = {
-    ('Global', 'device'): ('auto', 'gpu', 'cpu'),
-    ('Global', 'eval_weights'): ('ema', 'raw'),
-    ('Data', 'format'): ('folder', 'filelist', 'shapes'),
-    ('Data', 'interpolation'): ('bilinear', 'bicubic', 'nearest'),
-    ('Data', 'crop_mode'): ('center', 'squash'),
-    ('AMP', 'dtype'): ('bfloat16', 'float16'),
-    ('AMP', 'level'): ('O1', 'O2'),
-}
-_CHOICES.update({('Model', key): choices for key, choices in getattr(maxvit, '_CHOICES', {}).items()})
-
-# Keys that may be null (unset): an example of what they take when set (for keys whose default is None).
-_NULLABLE = {('Global', 'pretrained_model'): 'output/run/best', ('Global', 'resume'): 'auto',
-             ('Global', 'max_steps_per_epoch'): 100, ('Global', 'save_interval_steps'): 1000,
-             ('Data', 'train_list'): 'train_list.txt', ('Data', 'val_list'): 'val_list.txt',
-             ('Data', 'label_names'): 'labels.txt',
-             ('Optimizer', 'global_batch_size'): 4096, ('Model', 'qk_scale'): 0.125}
-_NUMBER_LISTS = {('Data', 'mean'), ('Data', 'std'), ('Data', 'scale')}
-_INT_LISTS = {('Model', 'stage_num_block'), ('Model', 'block_size'), ('Model', 'grid_size')}
+from maxvit import DEFAULT_ARGS, ArgumentError, MaxViT, check_args
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message (one line) says where and what to change."""
 
 
-class _Invalid(Exception):
-    """Raised by the checks below with what the value must be; validate() adds the key, value and source."""
+# ------------------------------------------------------------------------------------------------------ sections
+# Paper recipe (ImageNet-1K, Table 12 of arXiv:2204.01697) unless a description says otherwise. A description is
+# what an error message adds after the rule, so it says what the key is for.
+_Path = Annotated[str, Field(pattern=r'\S')]  # a path: not empty, not blank
 
 
+class _Section(BaseModel):
+    # strict: no '3' for 3, no 1 for true, no 2.0 for an int; an int for a float is fine. The cross-key rules
+    # read the validated Model section from the validation context, defaults included.
+    model_config = ConfigDict(extra='forbid', strict=True, allow_inf_nan=False, validate_default=True)
+
+
+class Global(_Section):
+    output_dir: _Path = Field('output/maxvit', description='checkpoints, train.log and VisualDL logs go here')
+    epochs: int = Field(300, gt=0, description='training epochs')
+    seed: int = Field(42, ge=0, le=2 ** 32 - 1, description='numpy takes seeds up to 2**32 - 1')
+    device: Literal['auto', 'gpu', 'cpu'] = Field('auto', description="'auto': the GPU if this Paddle build has one")
+    print_freq: int = Field(50, gt=0, description='a console/VisualDL line every N optimizer steps')
+    eval_freq: int = Field(1, gt=0, description='evaluate every N epochs, and after the last')
+    save_epoch_freq: int = Field(10, gt=0, description='keep an epoch_N checkpoint every N epochs; latest and best '
+                                                       'are always kept')
+    pretrained_model: Optional[_Path] = Field(None, examples=['output/run/best'],
+                                              description='weights to initialise from (fine-tuning), or to evaluate')
+    resume: Optional[_Path] = Field(None, examples=['auto'], description="a checkpoint prefix to resume, or 'auto' "
+                                                                         "for OUTPUT_DIR/latest")
+    eval_weights: Literal['ema', 'raw'] = Field('ema', description='eval.py: the weights of a training checkpoint')
+    max_steps_per_epoch: Optional[int] = Field(None, gt=0, examples=[100],
+                                               description='a cap on optimizer steps per epoch, for smoke tests and '
+                                                           'debugging; null: no cap')
+    save_interval_steps: Optional[int] = Field(None, gt=0, examples=[1000],
+                                               description='also save OUTPUT_DIR/latest every N optimizer steps, for a '
+                                                           'mid-epoch resume; null: at epoch ends only')
+    use_visualdl: bool = Field(True, description='VisualDL logs in output_dir')
+    to_static: bool = Field(False, description='train and evaluate through paddle.jit.to_static: one compiled '
+                                               'program per input shape (CINN behind it on GPU builds); same results')
+
+    @field_validator('to_static')
+    @classmethod
+    def _not_with_recompute(cls, value, info: ValidationInfo):
+        if value and info.context['Model']['recompute']:
+            raise ValueError('false when Model.recompute is true (recompute is an eager-mode memory saving; a '
+                             'compiled program plans its memory itself)')
+        return value
+
+
+class Data(_Section):
+    format: Literal['folder', 'filelist', 'shapes'] = Field(
+        'folder', description="'folder': ROOT/<class>/*.jpg; 'filelist': lines 'relative/path label'; 'shapes': the "
+                              "built-in quickstart data, written to the roots if missing")
+    train_root: _Path = Field('data/ILSVRC2012/train', description='the training images, as Data.format says')
+    val_root: _Path = Field('data/ILSVRC2012/val', description='the validation images, as Data.format says')
+    train_list: Optional[_Path] = Field(None, examples=['train_list.txt'],
+                                        description='filelist format: the list file, paths relative to train_root')
+    val_list: Optional[_Path] = Field(None, examples=['val_list.txt'],
+                                      description='filelist format: the list file, paths relative to val_root')
+    label_names: Optional[_Path] = Field(None, examples=['labels.txt'],
+                                         description='filelist format: a file with one class name per line')
+    img_size: int = Field(224, description='the side of the square training crop and eval image')
+    batch_size: int = Field(64, gt=0, description='images per device process')
+    num_workers: int = Field(8, ge=0, description='loader processes; 0 loads images in the main process')
+    use_shared_memory: bool = Field(True, description='faster worker -> trainer transfer; false where /dev/shm is '
+                                                      'small (Docker)')
+    interpolation: Literal['bilinear', 'bicubic', 'nearest'] = Field('bicubic', description='the resize filter')
+    crop_pct: float = Field(0.95, gt=0, le=1, description='eval resizes the short side to img_size / crop_pct')
+    crop_mode: Literal['center', 'squash'] = Field(
+        'center', description="eval: 'center' keeps the aspect and crops the center, 'squash' resizes to a square")
+    mean: List[float] = Field([0.485, 0.456, 0.406], description='subtracted from pixels in [0, 1], per channel')
+    std: List[float] = Field([0.229, 0.224, 0.225], description='pixels are divided by it, per channel')
+    scale: List[float] = Field([0.08, 1.0], description='RandomResizedCrop area range')
+    hflip: float = Field(0.5, ge=0, le=1, description='the probability of a horizontal flip')
+    randaugment_ops: int = Field(2, ge=0, description='RandAugment layers; 0 disables')
+    randaugment_magnitude: int = Field(15, ge=0, description="RandAugment magnitude, 10 = the ops' full range")
+    mixup: float = Field(0.8, ge=0, description='Mixup alpha; 0 disables')
+    cutmix: float = Field(0.0, ge=0, description='CutMix alpha; 0 disables; with both, each batch picks one')
+    mix_prob: float = Field(1.0, ge=0, le=1, description='the probability that a batch is mixed at all')
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description='1 would leave no label')
+
+    @field_validator('img_size')
+    @classmethod
+    def _at_least_the_stride(cls, value, info: ValidationInfo):
+        model = info.context['Model']
+        stages, pool = len(model['stage_num_block']), model['pooling_size']
+        if value < 2 * pool ** stages:
+            raise ValueError(f">= {2 * pool ** stages}, the model's total stride (2 in the stem x Model.pooling_size "
+                             f"{pool} in each of {stages} stages; below it the last stages get a padded map of less "
+                             f"than one image pixel)")
+        return value
+
+    @field_validator('mean', 'std')
+    @classmethod
+    def _one_per_channel(cls, value, info: ValidationInfo):
+        channels = info.context['Model']['input_dim']
+        if info.field_name == 'mean' and len(value) != channels:
+            raise ValueError(f'a list of Model.input_dim = {channels} numbers (one per image channel)')
+        if info.field_name == 'std' and (len(value) != channels or min(value) <= 0):
+            raise ValueError(f'a list of Model.input_dim = {channels} numbers > 0 (one per image channel; pixels are '
+                             f'divided by it)')
+        return value
+
+    @field_validator('scale')
+    @classmethod
+    def _area_range(cls, value):
+        if not (len(value) == 2 and 0 < value[0] <= value[1] <= 1):
+            raise ValueError('[low, high] with 0 < low <= high <= 1 (RandomResizedCrop area fraction)')
+        return value
+
+
+class Optimizer(_Section):
+    lr: float = Field(3e-3, gt=0, description='the peak learning rate at Optimizer.base_batch_size, scaled linearly '
+                                              'to the global batch')
+    base_batch_size: int = Field(4096, gt=0, description='the batch size Optimizer.lr is given for')
+    global_batch_size: Optional[int] = Field(4096, gt=0, description='gradient accumulation reaches it; null: no '
+                                                                     'accumulation')
+    min_lr: float = Field(1e-5, description='the learning rate at the end of the cosine decay')  # <= lr
+    warmup_steps: int = Field(10000, ge=0, description='linear warmup, in optimizer steps')
+    weight_decay: float = Field(0.05, ge=0, description='AdamW weight decay; not applied to biases, norms and '
+                                                        'relative bias tables')
+    beta1: float = Field(0.9, ge=0, lt=1, description='AdamW first-moment decay')
+    beta2: float = Field(0.999, ge=0, lt=1, description='AdamW second-moment decay')
+    epsilon: float = Field(1e-8, gt=0, description='AdamW denominator term')
+    clip_grad: float = Field(1.0, ge=0, description='the global gradient norm to clip to; 0 disables')
+
+    @field_validator('min_lr')
+    @classmethod
+    def _at_most_lr(cls, value, info: ValidationInfo):
+        lr = info.data.get('lr')  # absent when lr itself is wrong: that error is reported
+        if lr is not None and not 0 <= value <= lr:
+            raise ValueError(f'>= 0 and <= Optimizer.lr ({lr!r}) (the learning rate at the end of the cosine decay)')
+        return value
+
+
+class EMA(_Section):
+    decay: float = Field(0.9999, ge=0, lt=1, description='0 disables the EMA; 1 would never update it')
+
+
+class AMP(_Section):
+    enable: bool = Field(False, description='automatic mixed precision')
+    dtype: Literal['bfloat16', 'float16'] = Field('bfloat16', description="'float16' uses dynamic loss scaling")
+    level: Literal['O1', 'O2'] = Field('O1', description="'O1': per-op casts; 'O2': float16/bfloat16 weights with a "
+                                                         "float32 master copy")
+    init_loss_scaling: float = Field(65536.0, gt=0, description='the initial float16 loss scale')
+
+
+# The sections in file order; Model is maxvit's argument dict (maxvit.DEFAULT_ARGS, checked by maxvit.check_args).
+_SECTIONS = {'Global': Global, 'Model': None, 'Data': Data, 'Optimizer': Optimizer, 'EMA': EMA, 'AMP': AMP}
+DEFAULTS: Dict[str, Dict[str, object]] = {
+    name: dict(DEFAULT_ARGS) if section is None else section.model_construct().model_dump()
+    for name, section in _SECTIONS.items()}
+
+
+# ------------------------------------------------------------------------------------------------------ messages
 def _closest(name, valid: Iterable[str]) -> str:
     valid = list(valid)
     match = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
@@ -133,187 +192,67 @@ def _show(value) -> str:
     return repr(value)
 
 
-def _kind(example) -> str:
-    if isinstance(example, bool):
-        return 'true or false'
-    if isinstance(example, int):
-        return f'an int like {example}'
-    if isinstance(example, float):
-        return f'a finite number like {example}'
-    if isinstance(example, str):
-        return f"a string like '{example}'"
-    return f'a list like {example}'
+def _kind(annotation, example, item: bool = False) -> str:
+    """What a value of this type is, e.g. 'an int like 300', 'null or a string like 'auto''."""
+    if get_origin(annotation) is Union:  # Optional[X]
+        return 'null or ' + _kind(next(a for a in get_args(annotation) if a is not type(None)), example, item)
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) is Literal:
+        return 'one of ' + ', '.join(map(repr, get_args(annotation)))
+    if get_origin(annotation) in (list, List):
+        return f'a list of numbers like {example}' if item else f'a list like {example}'
+    return {bool: 'true or false', int: f'an int like {example}', float: f'a finite number like {example}',
+            str: f"a string like '{example}'"}[annotation]
 
 
-def _number(value) -> float:
-    if isinstance(value, str):  # PyYAML reads '1e-3' (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _Invalid
-    return float(value)
-
-
-def _check_type(section: str, key: str, value):
-    """The value with the type of its default (ints accepted for floats, null for nullable keys), or _Invalid."""
-    default = DEFAULTS[section][key]
-    nullable = default is None or (section, key) in _NULLABLE
-    example = _NULLABLE[(section, key)] if default is None else default
-    kind = ('null or ' if nullable else '') + _kind(example)
-    if value is None:
-        if nullable:
-            return None
-        raise _Invalid(kind)
-    if isinstance(example, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(example, float):
-        try:
-            return _number(value)
-        except _Invalid:
-            raise _Invalid(kind) from None
-    elif isinstance(example, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(example, list):
-        if (section, key) in (('Model', 'block_size'), ('Model', 'grid_size')) and isinstance(value, int) \
-                and not isinstance(value, bool):
-            value = [value, value]  # one int: a square window, as maxvit.check_args takes it
-        ok = isinstance(value, list)
-        if ok and (section, key) in _NUMBER_LISTS:
-            try:
-                return [_number(v) for v in value]  # ints are fine: [0, 0, 0] -> [0.0, 0.0, 0.0]
-            except _Invalid:
-                raise _Invalid(f'a list of numbers like {example}') from None
-        if ok and (section, key) in _INT_LISTS:
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                raise _Invalid(f'a list of ints like {example}')
-    else:
-        ok = isinstance(value, type(example))
-    if not ok:
-        raise _Invalid(kind)
-    return value
-
-
-# ------------------------------------------------------------------------------------------------ value rules
-# (section, key) -> (check(value, cfg) -> bool, what the value must be: text or f(cfg) -> text). Checked in
-# DEFAULTS order (Model before Data: Data.img_size/mean/std depend on Model keys) after every type is right;
-# null values of nullable keys are not checked. Choices (_CHOICES) are checked too.
-def _range(lo=None, hi=None, lo_open=False, hi_open=False, what=''):
+def _bounds(field) -> str:
+    """A field's range: '> 0', 'in [0, 1)'."""
+    bound = {type(m): m for m in field.metadata}
+    lo = bound.get(annotated_types.Gt) or bound.get(annotated_types.Ge)
+    hi = bound.get(annotated_types.Lt) or bound.get(annotated_types.Le)
+    lo_open, hi_open = isinstance(lo, annotated_types.Gt), isinstance(hi, annotated_types.Lt)
+    lo, hi = lo and (lo.gt if lo_open else lo.ge), hi and (hi.lt if hi_open else hi.le)
     if hi is None:
-        text = f"{'>' if lo_open else '>='} {lo}"
-    else:
-        text = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-
-    def check(v, cfg):
-        return (lo is None or (lo < v if lo_open else lo <= v)) and (hi is None or (v < hi if hi_open else v <= hi))
-    return check, text + (f' ({what})' if what else '')
+        return f"{'>' if lo_open else '>='} {lo}"
+    if lo is None:
+        return f"{'<' if hi_open else '<='} {hi}"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
 
-def _model_stride(cfg) -> int:
-    return 2 * cfg['Model']['pooling_size'] ** len(cfg['Model']['stage_num_block'])
+def _must(section, key: str, error: dict) -> str:
+    """What the value of section.key must be, from pydantic's first error about it and the field's declaration."""
+    field, kind = section.model_fields[key], error['type']
+    if kind == 'value_error':  # a rule of a validator above: its message says it all
+        return str(error['ctx']['error'])
+    if kind in ('greater_than', 'greater_than_equal', 'less_than', 'less_than_equal'):
+        rule = _bounds(field)
+    elif kind == 'string_pattern_mismatch':
+        rule = ('null or ' if type(None) in get_args(field.annotation) else '') + 'a non-empty path'
+    elif kind == 'literal_error':
+        rule = _kind(field.annotation, None)
+    else:  # the wrong type
+        example = field.default if field.default is not None else field.examples[0]
+        return _kind(field.annotation, example, item=len(error['loc']) > 1)
+    return rule + (f' ({field.description})' if field.description else '')
 
 
-def _channels(cfg) -> int:
-    return cfg['Model']['input_dim']
+def _as_held(section, key: str, value):
+    """A value of the right type as the section holds it (1 -> 1.0 for a float), to show it in a message."""
+    try:
+        return TypeAdapter(section.model_fields[key].annotation).validate_python(value)
+    except ValidationError:  # a path of the wrong pattern, say: shown as given
+        return value
 
 
-_PATH = (lambda v, cfg: v.strip() != '', 'a non-empty path')
-_PROB = 'a probability'
-_RULES = {
-    ('Global', 'output_dir'): _PATH,
-    ('Global', 'epochs'): _range(0, lo_open=True),
-    ('Global', 'seed'): _range(0, 2 ** 32 - 1, what='numpy takes seeds up to 2**32 - 1'),
-    ('Global', 'print_freq'): _range(0, lo_open=True, what='log every N optimizer steps'),
-    ('Global', 'eval_freq'): _range(0, lo_open=True, what='evaluate every N epochs'),
-    ('Global', 'save_epoch_freq'): _range(0, lo_open=True, what='keep a checkpoint every N epochs'),
-    ('Global', 'pretrained_model'): (lambda v, cfg: v.strip() != '', 'null or a non-empty path'),
-    ('Global', 'resume'): (lambda v, cfg: v.strip() != '', "null, 'auto' or a non-empty checkpoint prefix"),
-    ('Global', 'max_steps_per_epoch'): _range(0, lo_open=True, what='or null for no cap'),
-    ('Global', 'save_interval_steps'): _range(0, lo_open=True, what='or null to save at epoch ends only'),
-    ('Global', 'to_static'): (lambda v, cfg: not (v and cfg['Model']['recompute']),
-                              'false when Model.recompute is true (recompute is an eager-mode memory saving; '
-                              'a compiled program plans its memory itself)'),
-
-    ('Model', 'stage_num_block'): (lambda v, cfg: len(v) >= 1 and min(v) >= 1,
-                                   'a non-empty list of ints >= 1 (Max_Blocks per stage)'),
-    ('Model', 'input_dim'): _range(1, what='image channels'),
-    ('Model', 'stem_dim'): _range(1, what='channels'),
-    ('Model', 'stage_dim'): _range(1, what='channels of stage 0'),
-    ('Model', 'num_heads'): (lambda v, cfg: v >= 1 and cfg['Model']['stage_dim'] % v == 0,
-                             lambda cfg: f">= 1 and divide Model.stage_dim ({cfg['Model']['stage_dim']}): "
-                                         f"every stage splits its channels evenly into heads"),
-    ('Model', 'mbconv_ksize'): (lambda v, cfg: v >= 1 and v % 2 == 1,
-                                'an odd int >= 1 (an even kernel changes the map size and breaks the residual)'),
-    ('Model', 'pooling_size'): _range(1, what='stride of the first MBConv of every stage'),
-    ('Model', 'num_classes'): _range(0, what='0 builds a model without classifier'),
-    ('Model', 'block_size'): (lambda v, cfg: len(v) == 2 and min(v) >= 1, 'two ints >= 1 (height, width)'),
-    ('Model', 'grid_size'): (lambda v, cfg: len(v) == 2 and min(v) >= 1, 'two ints >= 1 (height, width)'),
-    ('Model', 'mbconv_expand_rate'): _range(1, what='MBConv hidden channels = expand_rate x channels'),
-    ('Model', 'se_rate'): _range(0, lo_open=True, what='SE hidden channels = se_rate x channels'),
-    ('Model', 'mlp_ratio'): _range(1, what='MLP hidden channels = mlp_ratio x channels'),
-    ('Model', 'qk_scale'): _range(0, lo_open=True, what='or null for head_dim ** -0.5'),
-    ('Model', 'drop'): _range(0, 1, hi_open=True, what='dropout rate'),
-    ('Model', 'attn_drop'): _range(0, 1, hi_open=True, what='dropout rate'),
-    ('Model', 'drop_path'): _range(0, 1, hi_open=True, what='stochastic depth rate of the last block'),
-    ('Model', 'bn_eps'): _range(0, lo_open=True),
-    ('Model', 'bn_momentum'): _range(0, 1, hi_open=True, what='running = momentum x running + (1 - momentum) x batch'),
-
-    ('Data', 'train_root'): _PATH,
-    ('Data', 'val_root'): _PATH,
-    ('Data', 'train_list'): (lambda v, cfg: v.strip() != '', 'null or a non-empty path'),
-    ('Data', 'val_list'): (lambda v, cfg: v.strip() != '', 'null or a non-empty path'),
-    ('Data', 'label_names'): (lambda v, cfg: v.strip() != '', 'null or a non-empty path'),
-    ('Data', 'img_size'): (lambda v, cfg: v >= _model_stride(cfg), lambda cfg: (
-        f">= {_model_stride(cfg)}, the model's total stride (2 in the stem x Model.pooling_size "
-        f"{cfg['Model']['pooling_size']} in each of {len(cfg['Model']['stage_num_block'])} stages; below it the "
-        f"last stages get a padded map of less than one image pixel)")),
-    ('Data', 'batch_size'): _range(0, lo_open=True, what='images per device'),
-    ('Data', 'num_workers'): _range(0, what='0 loads images in the main process'),
-    ('Data', 'crop_pct'): _range(0, 1, lo_open=True, what='eval resizes the short side to img_size / crop_pct'),
-    ('Data', 'mean'): (lambda v, cfg: len(v) == _channels(cfg), lambda cfg: (
-        f'a list of Model.input_dim = {_channels(cfg)} numbers (one per image channel)')),
-    ('Data', 'std'): (lambda v, cfg: len(v) == _channels(cfg) and min(v) > 0, lambda cfg: (
-        f'a list of Model.input_dim = {_channels(cfg)} numbers > 0 (one per image channel; pixels are divided '
-        f'by it)')),
-    ('Data', 'scale'): (lambda v, cfg: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
-                        '[low, high] with 0 < low <= high <= 1 (RandomResizedCrop area fraction)'),
-    ('Data', 'hflip'): _range(0, 1, what=f'{_PROB} of a horizontal flip'),
-    ('Data', 'randaugment_ops'): _range(0, what='RandAugment layers; 0 disables'),
-    ('Data', 'randaugment_magnitude'): _range(0, what='RandAugment magnitude, 10 = the ops\' full range'),
-    ('Data', 'mixup'): _range(0, what='Mixup alpha; 0 disables'),
-    ('Data', 'cutmix'): _range(0, what='CutMix alpha; 0 disables'),
-    ('Data', 'mix_prob'): _range(0, 1, what=f'{_PROB} that a batch is mixed'),
-    ('Data', 'label_smoothing'): _range(0, 1, hi_open=True, what='1 would leave no label'),
-
-    ('Optimizer', 'lr'): _range(0, lo_open=True, what='the peak learning rate at Optimizer.base_batch_size'),
-    ('Optimizer', 'base_batch_size'): _range(0, lo_open=True, what='the batch size Optimizer.lr is given for'),
-    ('Optimizer', 'global_batch_size'): _range(0, lo_open=True, what='or null for no gradient accumulation'),
-    ('Optimizer', 'min_lr'): (lambda v, cfg: 0 <= v <= cfg['Optimizer']['lr'], lambda cfg: (
-        f">= 0 and <= Optimizer.lr ({cfg['Optimizer']['lr']!r}) (the learning rate at the end of the cosine "
-        f"decay)")),
-    ('Optimizer', 'warmup_steps'): _range(0, what='linear warmup, in optimizer steps'),
-    ('Optimizer', 'weight_decay'): _range(0),
-    ('Optimizer', 'beta1'): _range(0, 1, hi_open=True, what='AdamW first-moment decay'),
-    ('Optimizer', 'beta2'): _range(0, 1, hi_open=True, what='AdamW second-moment decay'),
-    ('Optimizer', 'epsilon'): _range(0, lo_open=True, what='AdamW denominator term'),
-    ('Optimizer', 'clip_grad'): _range(0, what='the global gradient norm to clip to; 0 disables'),
-
-    ('EMA', 'decay'): _range(0, 1, hi_open=True, what='0 disables the EMA; 1 would never update it'),
-
-    ('AMP', 'init_loss_scaling'): _range(0, lo_open=True, what='the initial float16 loss scale'),
-}
-for (_section, _key), _choices in _CHOICES.items():
-    _RULES[(_section, _key)] = (lambda v, cfg, c=_choices: v in c, f"one of {', '.join(map(repr, _choices))}")
-
-
+# ---------------------------------------------------------------------------------------------------- validation
 def _prefix(source: Optional[str]) -> str:
     return f'{source}: ' if source else ''
 
 
 def validate(cfg, sources: Optional[Dict[tuple, str]] = None, origin: Optional[str] = None
              ) -> Dict[str, Dict[str, object]]:
-    """Fill defaults and check every section, key, type, range and choice. Returns a new dict.
+    """Fill defaults and check every section, key, type, range and choice. Returns a new dict of plain dicts.
 
     ``sources`` maps (section, key) (and (section, None) for a section) to where the value came from (the file
     or '-o Section.key=value'); ``origin`` names the file for errors about defaults and the file as a whole.
@@ -327,44 +266,46 @@ def validate(cfg, sources: Optional[Dict[tuple, str]] = None, origin: Optional[s
         name = section if key is None else f'{section}.{key}'
         raise ConfigError(f'{_prefix(source or origin)}{name} is {_show(value)}{note}; it must be {must}')
 
+    def unknown(section, key, valid):
+        raise ConfigError(f"{_prefix(sources.get((section, key), origin))}unknown key '{section}.{key}'."
+                          f"{_closest(key, valid)}")
+
     if not isinstance(cfg, dict):
         kind = 'a list' if isinstance(cfg, list) else _show(cfg)
         raise ConfigError(f'{_prefix(origin)}the top level must be a mapping of sections ({", ".join(DEFAULTS)}), '
                           f'got {kind}')
-    out = copy.deepcopy(DEFAULTS)
     for section, values in cfg.items():
         if section not in DEFAULTS:
             raise ConfigError(f"{_prefix(sources.get((section, None), origin))}unknown config section "
                               f"'{section}'.{_closest(section, DEFAULTS)}")
-        if values is None:
-            continue
-        if not isinstance(values, dict):
+        if values is not None and not isinstance(values, dict):
             fail(section, None, values, f"a mapping of 'key: value' lines, e.g. {section}: "
                                         f"{{{next(iter(DEFAULTS[section]))}: ...}}")
-        for key, value in values.items():
-            if key not in DEFAULTS[section]:
-                raise ConfigError(f"{_prefix(sources.get((section, key), origin))}unknown key '{section}.{key}'."
-                                  f"{_closest(key, DEFAULTS[section])}")
-            try:
-                out[section][key] = _check_type(section, key, value)
-            except _Invalid as e:
-                fail(section, key, value, e.args[0])
-    for section, defaults in DEFAULTS.items():
-        for key in defaults:
-            rule, value = _RULES.get((section, key)), out[section][key]
-            if rule is None or value is None:
-                continue
-            check, must = rule
-            if not check(value, out):
-                fail(section, key, value, must(out) if callable(must) else must)
-    try:
-        out['Model'] = check_args(out['Model'])
-    except (KeyError, ValueError, TypeError, ZeroDivisionError) as e:  # the rules above should leave nothing
-        model = [s for (sec, _), s in sources.items() if sec == 'Model']
-        raise ConfigError(f'{_prefix(model[-1] if model else origin)}Model: {e.args[0]}') from None
-    return out
+    given = {section: copy.deepcopy(cfg.get(section) or {}) for section in DEFAULTS}
+    out = {}
+    try:  # first: the other sections' rules read it
+        out['Model'] = check_args(given['Model'])
+    except KeyError:
+        unknown('Model', next(k for k in given['Model'] if k not in DEFAULT_ARGS), DEFAULT_ARGS)
+    except ArgumentError as e:
+        fail('Model', e.key, e.value, e.allowed)
+    for name, section in _SECTIONS.items():
+        if section is None:
+            continue
+        try:
+            out[name] = section.model_validate(given[name], context={'Model': out['Model']}).model_dump()
+        except ValidationError as e:
+            error = min(e.errors(), key=lambda x: x['type'] != 'extra_forbidden')  # an unknown key first
+            key = error['loc'][0]
+            if error['type'] == 'extra_forbidden':
+                unknown(name, key, section.model_fields)
+            value = given[name].get(key, DEFAULTS[name][key])
+            fail(name, key, value if error['type'].endswith('_type') else _as_held(section, key, value),
+                 _must(section, key, error))
+    return {name: out[name] for name in DEFAULTS}
 
 
+# ---------------------------------------------------------------------------------------------------------- YAML
 def _one_line(error: yaml.YAMLError) -> str:
     """A PyYAML error on one line: 'line L, column C: problem (context on line N)'."""
     mark = getattr(error, 'problem_mark', None)
@@ -384,7 +325,8 @@ class _DuplicateKey(Exception):
 
 class UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key given twice in one mapping (plain PyYAML keeps the last one silently).
-    Raises _DuplicateKey(dotted key, line, first line) before anything is constructed."""
+    Raises _DuplicateKey(dotted key, line, first line) before anything is constructed. It reads 1e-3 and 1.0e3 as
+    numbers, as YAML 1.2 does (PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent)."""
 
     def construct_document(self, node):
         self._check_unique(node, (), set())
@@ -406,6 +348,10 @@ class UniqueKeyLoader(yaml.SafeLoader):
         elif isinstance(node, yaml.SequenceNode):
             for item in node.value:
                 self._check_unique(item, path, visited)
+
+
+_EXPONENT_FLOAT = re.compile(r'^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$')  # 1e-3, 1.0e3, 2E+5
+UniqueKeyLoader.add_implicit_resolver('tag:yaml.org,2002:float', _EXPONENT_FLOAT, list('-+0123456789'))
 
 
 def read_yaml(path) -> dict:
@@ -448,12 +394,14 @@ def parse_override(text: str):
     path, raw = text.split('=', 1)
     section, key = path.strip().split('.', 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f'-o {text}: the value is not valid YAML: {_one_line(e)}') from None
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else None
+    except (yaml.YAMLError, _DuplicateKey) as e:
+        problem = _one_line(e) if isinstance(e, yaml.YAMLError) else f"duplicate key '{e.args[0]}'"
+        raise ConfigError(f'-o {text}: the value is not valid YAML: {problem}') from None
     return section, key, value
 
 
+# ---------------------------------------------------------------------------------------------------- public API
 def load_config(path: Optional[str] = None, overrides: List[str] = ()) -> Dict[str, Dict[str, object]]:
     """Read a YAML config (or start from DEFAULTS when path is None), apply overrides, validate."""
     cfg: Dict[str, Dict[str, object]] = {}

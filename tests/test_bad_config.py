@@ -86,8 +86,8 @@ BAD = [
     case('model_drop_1', 'Model:\n  drop: 1.0\n', 'Model.drop is 1.0', 'in [0, 1)'),
     case('model_attn_drop_negative', ['Model.attn_drop=-0.1'], 'Model.attn_drop is -0.1', 'in [0, 1)'),
     case('model_drop_path_1', ['Model.drop_path=1'], 'Model.drop_path is 1.0', 'in [0, 1)'),
-    case('model_num_heads_0', ['Model.num_heads=0'], 'Model.num_heads is 0', 'divide Model.stage_dim (32)'),
-    case('model_heads_do_not_divide', ['Model.num_heads=3'], 'Model.num_heads is 3', 'divide Model.stage_dim'),
+    case('model_num_heads_0', ['Model.num_heads=0'], 'Model.num_heads is 0', 'it must be >= 1'),
+    case('model_heads_do_not_divide', ['Model.num_heads=3'], 'Model.num_heads is 3', 'a divisor of stage_dim (32)'),
     case('model_even_kernel', ['Model.mbconv_ksize=4'], 'Model.mbconv_ksize is 4', 'an odd int >= 1'),
     case('model_block_size_strings', ['Model.block_size=[a, b]'], "Model.block_size is ['a', 'b']",
          'a list of ints'),
@@ -101,6 +101,19 @@ BAD = [
     case('model_bn_momentum_1', ['Model.bn_momentum=1'], 'Model.bn_momentum is 1.0', 'in [0, 1)'),
     case('model_act_layer', ['Model.act_layer=relu'], "Model.act_layer is 'relu'", "one of 'gelu', 'gelu_tanh'"),
     case('override_value_not_yaml', ['Data.mean=[1,'], 'the value is not valid YAML: line 1'),
+    # unknown keys, types and cross-key rules of each kind of section
+    case('unknown_key_in_file', 'Data:\n  img_sizes: 64\n', "unknown key 'Data.img_sizes'. Did you mean 'img_size'?"),
+    case('model_unknown_key', ['Model.stem_dims=8'], "unknown key 'Model.stem_dims'. Did you mean 'stem_dim'?"),
+    case('model_int_given_a_float', ['Model.stage_dim=64.0'], 'Model.stage_dim is 64.0', 'an int like 64'),
+    case('model_int_given_a_bool', ['Model.num_classes=true'], 'Model.num_classes is true', 'an int like 1000'),
+    case('model_blocks_not_a_list', ['Model.stage_num_block=3'], 'Model.stage_num_block is 3',
+         'a list of ints like [2, 2, 5, 2]'),
+    case('device_choice', ['Global.device=tpu'], "Global.device is 'tpu'", "one of 'auto', 'gpu', 'cpu'"),
+    case('resume_blank', ['Global.resume=" "'], "Global.resume is ' '", 'null or a non-empty path'),
+    case('to_static_with_recompute', ['Model.recompute=true', 'Global.to_static=true'], 'Global.to_static is true',
+         'false when Model.recompute is true'),
+    case('exponent_numbers_in_a_file', 'Optimizer:\n  lr: 1e-3\n  min_lr: 2E-2\n', 'Optimizer.min_lr is 0.02',
+         '<= Optimizer.lr (0.001)'),
 ]
 
 
@@ -140,7 +153,7 @@ def test_numbers_are_coerced_and_good_edge_values_load(tmp_path):
                                   'Model.input_dim=1', 'Data.mean=[0]', 'Data.std=[1]'])
     d = cfg['Data']
     assert d['mean'] == [0.0] and all(isinstance(v, float) for v in d['mean'] + d['std'] + d['scale'])
-    assert cfg['Optimizer']['lr'] == cfg['Optimizer']['min_lr'] == 1e-3  # '1e-3' (a YAML string) is a number
+    assert cfg['Optimizer']['lr'] == cfg['Optimizer']['min_lr'] == 1e-3  # '1e-3' (a YAML 1.1 string) is a number
     assert cfg['Model']['block_size'] == [4, 4] and cfg['Model']['grid_size'] == [7, 7]
 
 
