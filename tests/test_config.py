@@ -1,11 +1,16 @@
-"""common/config.py: YAML configs, -o overrides, strict keys; configs/*.yaml build the article's models."""
+"""common/config.py: YAML configs, -o overrides, strict keys; configs/*.yaml build the article's models; the Model
+section is checked by maxvit.check_args alone."""
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 import maxvit
-from common.config import ConfigError, build_model, load_config
+from common import config
+from common.config import DEFAULTS, ConfigError, build_model, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'configs'
 
@@ -65,3 +70,41 @@ def test_values_are_checked_before_the_run(override, message):
 def test_missing_config_file_is_a_clear_error():
     with pytest.raises(ConfigError, match='config file not found: nope.yaml'):
         load_config('nope.yaml')
+
+
+def test_defaults_are_valid_plain_dicts_and_every_key_is_described():
+    cfg = load_config(None)
+    assert cfg == DEFAULTS and list(cfg) == ['Global', 'Model', 'Data', 'Optimizer', 'EMA', 'AMP']
+    assert all(type(section) is dict for section in cfg.values())
+    assert type(cfg['Data']['mean']) is list and type(cfg['Optimizer']['lr']) is float
+    for name, section in config._SECTIONS.items():
+        if section is not None:
+            assert list(section.model_fields) == list(DEFAULTS[name])
+            assert all(field.description for field in section.model_fields.values()), name
+
+
+def test_check_args_states_the_model_rules():
+    with pytest.raises(maxvit.ArgumentError) as info:
+        maxvit.check_args(dict(maxvit.tiny_args, drop=1))
+    assert (info.value.key, info.value.value, info.value.allowed) == ('drop', 1.0, 'in [0, 1) (a drop rate)')
+    assert str(info.value) == 'MaxViT argument drop is 1.0; it must be in [0, 1) (a drop rate)'
+    with pytest.raises(ValueError, match=r"^MaxViT argument se_rate is '0.25'; it must be a finite number like 0.25$"):
+        maxvit.check_args({'se_rate': '0.25'})
+    with pytest.raises(ValueError, match=r'num_heads is 3; it must be a divisor of stage_dim \(64\)'):
+        maxvit.check_args({'num_heads': 3})
+    args = maxvit.check_args({'block_size': 4, 'grid_size': (2, 3), 'drop': 0, 'stage_num_block': (1, 1)})
+    assert args['block_size'] == [4, 4] and args['grid_size'] == [2, 3] and args['stage_num_block'] == [1, 1]
+    assert type(args['drop']) is float and args == maxvit.check_args(args)
+
+
+def test_maxvit_checks_its_args_without_pydantic_or_yaml(tmp_path):
+    """maxvit.py copied into an empty folder, with pydantic and yaml made unimportable."""
+    shutil.copy(Path(maxvit.__file__), tmp_path / 'maxvit.py')
+    code = ("import sys; sys.modules.update(pydantic=None, yaml=None); sys.path.insert(0, sys.argv[1]); import maxvit; "
+            "assert maxvit.__file__.startswith(sys.argv[1]); "
+            "print(maxvit.check_args({'act_layer': 'gelu_tanh'})['act_layer']); maxvit.check_args({'drop': 2})")
+    proc = subprocess.run([sys.executable, '-I', '-c', code, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout == 'gelu_tanh\n', proc.stderr
+    assert proc.stderr.rstrip().endswith('maxvit.ArgumentError: MaxViT argument drop is 2.0; it must be in [0, 1) '
+                                         '(a drop rate)'), proc.stderr
