@@ -11,6 +11,10 @@ One model class, ``MaxViT(args)``, builds every variant from a plain dict of arg
 Tensor layout: MBConv works on NCHW; Window_Block and Grid_Block work channels-last (NHWC) so that LayerNorm,
 the qkv/MLP projections and the partitions need no transposes. Max_Block switches layout once in each direction.
 
+The file needs only Paddle and uses Paddle's own layers and ops. ``common.fast_layers.use_fast_layers(model)``
+swaps a built model's layers for faster CPU and memory-saving forms (train.py and eval.py call it);
+``model.set_grad_checkpointing()`` trades compute for memory in training.
+
 Differences from the article's code (each is tested in tests/test_model.py):
 1. Window_Block applies attention once (the article applied it twice).
 2. Height and width are both checked and any size works: a map that does not divide by the block/grid size is
@@ -33,9 +37,7 @@ from typing import Dict, List, Optional, Sequence
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
-from paddle.autograd import PyLayer
 from paddle.distributed.fleet.utils import recompute
-from paddle.nn.layer.norm import _BatchNormBase
 
 __all__ = [
     'MaxViT', 'Max_Block', 'Window_Block', 'Grid_Block', 'MBConv', 'SE', 'Mlp', 'Rel_Attention',
@@ -224,544 +226,8 @@ def create_model(name_or_args, **overrides) -> 'MaxViT':
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Small layers
+# The model, top down as in the article: MaxViT -> Max_Block -> Window_Block / Grid_Block -> MBConv
 # ----------------------------------------------------------------------------------------------------------------
-# N(0, 0.02) truncated at 2 std. Paddle's a/b are absolute bounds (the default -2, 2 would truncate nothing).
-_TRUNC_NORMAL = nn.initializer.TruncatedNormal(mean=0.0, std=0.02, a=-0.04, b=0.04)
-
-
-def _act(name: str) -> nn.Layer:
-    if name == 'silu':
-        return nn.Silu()
-    return GELU(approximate=(name == 'gelu_tanh'))
-
-
-def _cpu_path(layer: nn.Layer, x: paddle.Tensor) -> bool:
-    """Whether ``layer`` takes its faster CPU forms (the bias paths of Conv2D and Linear below, CPU_KERNELS): on
-    the CPU, in eager mode or in a static training graph whose input shape is fully known (to_static training:
-    7.0 -> 5.4 s a step for MaxViT-T at batch 8 with the bias paths). Exported models (static, eval mode) keep
-    Paddle's ops: conv + bias and matmul + bias are the patterns that Paddle Inference's oneDNN passes and the ONNX
-    runtimes fuse, and they know no custom ops. GPUs keep Paddle's own kernels. The forwards of Conv2D and Linear
-    are not_to_static: to_static's rewriting of them on every trace made tracing a small model 40-70% slower."""
-    return paddle.get_device() == 'cpu' and (paddle.in_dynamic_mode() or (layer.training and -1 not in x.shape))
-
-
-def _cpu_bias_path(layer: nn.Layer, x: paddle.Tensor) -> bool:
-    return layer.bias is not None and _cpu_path(layer, x)
-
-
-# CPU kernels (common/cpu_kernels.cc) for the depthwise convolution, GELU, LayerNorm, the attention's bias + softmax
-# and the linear layers of static training graphs, where Paddle's own CPU kernels are slow (docs/performance.md).
-# common.device.setup('cpu') builds and sets them (common/cpu_kernels.py); None: Paddle's ops throughout, the same
-# results within float rounding (tests).
-CPU_KERNELS = None
-
-
-def _cpu_kernels_for(layer: nn.Layer, x: paddle.Tensor):
-    """CPU_KERNELS where they apply to ``layer`` on x (float32, _cpu_path), else None."""
-    if CPU_KERNELS is None or x.dtype != paddle.float32 or not _cpu_path(layer, x) \
-            or not paddle.framework.in_dynamic_or_pir_mode():  # (the legacy static IR: Paddle's ops)
-        return None
-    return CPU_KERNELS
-
-
-class Conv2D(nn.Conv2D):
-    """nn.Conv2D (the same parameters and summary row) that, on CPU, adds its bias on a (B, C, H*W) view of the
-    output: Paddle's CPU add broadcasts a (1, C, 1, 1) bias over a 4-D map 18x slower than the same sum in 3-D
-    (43 vs 2.3 ms on a (8, 64, 112, 112) map; the bias adds were 8% of an eager MaxViT-T forward). A depthwise
-    convolution runs on CPU_KERNELS where they apply (forward 3-13x, forward and backward 2.4-7x faster than
-    Paddle's CPU kernel for MaxViT-T's at batch 8)."""
-
-    @paddle.jit.not_to_static
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        kernels = _cpu_kernels_for(self, x)
-        geometry = None if kernels is None else self._depthwise_geometry(x.shape)
-        if geometry is not None:
-            bias = self.bias if self.bias is not None else paddle.zeros([self._out_channels], x.dtype)
-            return kernels.depthwise_conv(x, self.weight, bias, self._stride[0], *geometry)
-        if not _cpu_bias_path(self, x) or self._padding_mode != 'zeros' or self._data_format != 'NCHW':
-            return super().forward(x)
-        out = F.conv2d(x, self.weight, None, self._stride, self._padding, self._dilation, self._groups,
-                       self._data_format)                                  # (B, C, H', W')
-        return (out.flatten(2) + self.bias.unsqueeze(-1)).reshape(out.shape)
-
-    def _depthwise_geometry(self, shape: Sequence[int]):
-        """(pad_top, pad_left, out_h, out_w) when this is a depthwise convolution that CPU_KERNELS computes
-        (NCHW, square kernel, equal strides, no dilation, zero padding given as an int or 'SAME'), else None."""
-        k, s = self._kernel_size[0], self._stride[0]
-        if not (self._groups == self._in_channels == self._out_channels and self._data_format == 'NCHW'
-                and self._padding_mode == 'zeros' and self._kernel_size[1] == k and self._stride[1] == s
-                and list(self._dilation) == [1, 1] and (isinstance(self._padding, int) or self._padding == 'SAME')):
-            return None
-        H, W = shape[2], shape[3]
-        if self._padding == 'SAME':  # TensorFlow's: output ceil(size / s), the odd pixel of padding after
-            Ho, Wo = -(-H // s), -(-W // s)
-            return max((Ho - 1) * s + k - H, 0) // 2, max((Wo - 1) * s + k - W, 0) // 2, Ho, Wo
-        p = self._padding
-        return p, p, (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
-
-
-def _addmm_linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
-    """F.linear, (..., in) -> (..., out), with the bias accumulated by the GEMM (paddle.addmm): on CPU 10-30%
-    faster than Paddle's matmul and broadcast add for MaxViT's (tokens, C) products, the same numbers."""
-    out = paddle.addmm(bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), weight)  # (tokens, out)
-    return out.reshape(x.shape[:-1] + [weight.shape[1]])
-
-
-class _LinearFn(PyLayer):
-    """linear(act(h), weight, bias) (act: None or an activation) for eager training, with its backward written out:
-
-    * on CPU the bias gradient is a GEMM, ones @ grad: the column sum that Paddle's own linear backward runs
-      there is 8x slower (13 vs 1.7 ms for the (25088, 256) gradient of MaxViT-T's fc1 at batch 8);
-    * with act (Mlp's fc2), h is kept but not act(h), which backward recomputes (one elementwise op): the MLP's
-      (tokens, 4C) activation is stored once, not twice, about 0.9 GB at batch 32 for MaxViT-T.
-
-    Only inputs that need a gradient get one (a frozen weight gets None). Equal to plain autograd (tests)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, act=None):
-        ctx.act, ctx.cpu = act, paddle.get_device() == 'cpu'
-        ctx.needs = [not t.stop_gradient for t in (h, weight, bias)]
-        ctx.save_for_backward(h, weight)
-        return (_addmm_linear if ctx.cpu else F.linear)(act(h) if act else h, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, weight = ctx.saved_tensor()
-        need_h, need_weight, need_bias = ctx.needs
-        a = h
-        if ctx.act is not None:
-            with paddle.set_grad_enabled(True):
-                h = h.detach()
-                h.stop_gradient = False
-                a = ctx.act(h)                                                        # (..., in), again
-        grad_h = grad_weight = grad_bias = None
-        if need_h:
-            grad_h = paddle.matmul(grad, weight.astype(grad.dtype), transpose_y=True)  # (..., in)
-            if ctx.act is not None:
-                (grad_h,) = paddle.grad(a, h, grad_h)
-        a, grad = a.detach().reshape([-1, a.shape[-1]]), grad.reshape([-1, grad.shape[-1]])  # (tokens, .)
-        if need_weight:
-            grad_weight = paddle.matmul(a, grad.astype(a.dtype), transpose_x=True).astype(weight.dtype)  # (in, out)
-        if need_bias and ctx.cpu:
-            ones = paddle.ones([1, grad.shape[0]], grad.dtype)
-            grad_bias = paddle.matmul(ones, grad).reshape([-1]).astype(weight.dtype)              # (out,)
-        elif need_bias:
-            grad_bias = grad.sum(0).astype(weight.dtype)
-        return grad_h, grad_weight, grad_bias
-
-
-class Linear(nn.Linear):
-    """nn.Linear (the same parameters and summary row) that, on CPU, adds its bias inside the GEMM and, in eager
-    mode with gradients enabled, runs _LinearFn's backward where the output has at least LINEAR_FN_MIN elements:
-    its Python backward costs about 60 us a call, what Paddle's column sum costs for about 33,000 elements, so
-    below twice that, Paddle's own autograd is as fast (and the tests' tiny models keep it). In a static training
-    graph, CPU_KERNELS' linear op does the same (to_static step 3.54-3.65 -> 3.30 s for MaxViT-T at batch 8)."""
-    LINEAR_FN_MIN = 2 ** 16
-
-    @paddle.jit.not_to_static
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        if not _cpu_bias_path(self, x):
-            return super().forward(x)
-        if paddle.in_dynamic_mode():
-            if paddle.is_grad_enabled() and math.prod(x.shape[:-1]) * self.weight.shape[1] >= self.LINEAR_FN_MIN:
-                return _LinearFn.apply(x, self.weight, self.bias)
-        else:  # a static training graph: the same bias gradient, in C++ (traced once, not per step)
-            kernels = _cpu_kernels_for(self, x)
-            if kernels is not None:
-                return kernels.linear(x, self.weight, self.bias)
-        return _addmm_linear(x, self.weight, self.bias)
-
-
-def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, bias: bool = True,
-          same: bool = False) -> Conv2D:
-    """Conv2D with 'k//2' padding, or TensorFlow 'SAME' padding when it is strided and ``same`` is set
-    (stride 2 on an even size: TF pads nothing before and one after, which shifts the sampling grid)."""
-    padding = 'SAME' if (same and stride > 1) else k // 2
-    return Conv2D(cin, cout, k, stride, padding, groups=groups, bias_attr=None if bias else False)
-
-
-class _ScaleSamples(PyLayer):
-    """x * scale for a constant per-sample scale (B, 1, ...). Its backward keeps only the scale:
-    ``paddle.multiply`` would also keep x alive (for a gradient of scale nobody needs), one extra activation
-    per residual branch, about 0.45 GB more at batch 32 for MaxViT-T."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.save_for_backward(scale)
-        return x * scale
-
-    @staticmethod
-    def backward(ctx, grad):
-        scale, = ctx.saved_tensor()
-        return grad * scale
-
-
-class DropPath(nn.Layer):
-    """Stochastic depth: zero a residual branch for a random subset of samples, scale the rest by 1/keep."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = float(drop_prob)
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        scale = (paddle.rand([x.shape[0]] + [1] * (x.ndim - 1)) < keep).astype(x.dtype) / keep  # (B, 1, 1, ...)
-        if not paddle.in_dynamic_mode():  # paddle.jit.to_static: a plain product (the compiler plans memory)
-            return x * scale
-        return _ScaleSamples.apply(x, scale)
-
-    def extra_repr(self) -> str:
-        return f'drop_prob={self.drop_prob}'
-
-
-class GELU(nn.GELU):
-    """nn.GELU, computed by CPU_KERNELS where they apply."""
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        kernels = _cpu_kernels_for(self, x)
-        return super().forward(x) if kernels is None else kernels.gelu(x, self._approximate)
-
-
-class Channel_Layernorm(nn.LayerNorm):
-    """LayerNorm over the channel axis of channels-last tokens (..., C): an attention block's windows.
-
-    The article's Channel_Layernorm wrapped a LayerNorm between two NCHW<->NHWC transposes; our attention blocks
-    are channels-last already, so the transposes are gone and this is LayerNorm itself (same parameters).
-    """
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        kernels = _cpu_kernels_for(self, x)
-        if kernels is None or self.weight is None or self.bias is None:
-            return super().forward(x)
-        return kernels.layer_norm(x, self.weight, self.bias, self._epsilon)
-
-
-class SE(nn.Layer):
-    """Squeeze-and-excitation: x * sigmoid(conv(act(conv(mean_hw(x))))). x: (B, C, H, W)."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, act_layer: str = 'gelu'):
-        super().__init__()
-        self.gate = nn.Sequential(Conv2D(in_dim, hidden_dim, 1), _act(act_layer),
-                                  Conv2D(hidden_dim, in_dim, 1), nn.Sigmoid())
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        # adaptive_avg_pool2d rather than mean: same values, but Paddle Inference runs it as a oneDNN pool
-        # (reduce_mean falls back to a slow kernel) and its backward is cheaper than mean's broadcast.
-        return x * self.gate(F.adaptive_avg_pool2d(x, 1))  # gate: (B, C, 1, 1)
-
-
-class MBConv(nn.Layer):
-    """Pre-norm inverted bottleneck: BN -> 1x1 expand -> BN act -> kxk depthwise (stride) -> BN act -> SE
-    -> 1x1 project [-> BN], plus a shortcut (pool + 1x1 conv when it downsamples). (B, Cin, H, W) ->
-    (B, Cout, ceil(H/stride), ceil(W/stride)).
-
-    The positional arguments are the article's; the keyword-only ones are the layout options of DEFAULT_ARGS
-    (article values by default, TF_LAYOUT for the official layout).
-    """
-
-    def __init__(self, in_dim: int, out_dim: int, kernel_size: int = 3, stride_size: int = 1,
-                 expand_rate: float = 4, se_rate: float = 0.25, drop_path: float = 0.0, *,
-                 act_layer: str = 'gelu', se_act: str = 'gelu', conv_bias: bool = True, out_norm: bool = True,
-                 shortcut_pool: str = 'max3', shortcut_conv_always: bool = True, same_padding: bool = False,
-                 bn_eps: float = 1e-5, bn_momentum: float = 0.9):
-        super().__init__()
-        hidden_dim = int(expand_rate * out_dim)
-        bn = functools.partial(nn.BatchNorm2D, momentum=bn_momentum, epsilon=bn_eps)
-        self.bn = bn(in_dim)
-        self.expand_conv = nn.Sequential(_conv(in_dim, hidden_dim, 1, bias=conv_bias), bn(hidden_dim),
-                                         _act(act_layer))
-        self.dw_conv = nn.Sequential(_conv(hidden_dim, hidden_dim, kernel_size, stride_size, groups=hidden_dim,
-                                           bias=conv_bias, same=same_padding),
-                                     bn(hidden_dim), _act(act_layer))
-        self.se = SE(hidden_dim, max(1, int(out_dim * se_rate)), se_act)
-        out_conv = [_conv(hidden_dim, out_dim, 1)]
-        if out_norm:
-            out_conv.append(bn(out_dim))
-        self.out_conv = nn.Sequential(*out_conv)
-        shortcut = []
-        if stride_size > 1:
-            if shortcut_pool == 'max3':
-                shortcut.append(nn.MaxPool2D(kernel_size, stride_size, kernel_size // 2))
-            else:
-                shortcut.append(nn.AvgPool2D(stride_size, stride_size, padding='SAME' if same_padding else 0,
-                                             ceil_mode=not same_padding))
-        if in_dim != out_dim or (stride_size > 1 and shortcut_conv_always):
-            shortcut.append(Conv2D(in_dim, out_dim, 1))
-        self.proj = nn.Sequential(*shortcut) if shortcut else nn.Identity()
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        out = self.bn(x)
-        out = self.expand_conv(out)          # (B, hidden, H, W)
-        out = self.dw_conv(out)              # (B, hidden, ceil(H/s), ceil(W/s))
-        out = self.se(out)
-        out = self.out_conv(out)             # (B, out, ceil(H/s), ceil(W/s))
-        return self.drop_path(out) + self.proj(x)
-
-
-class Mlp(nn.Layer):
-    """Linear -> act -> dropout -> Linear -> dropout on channels-last tokens (..., C)."""
-
-    def __init__(self, in_features: int, hidden_features: int, act_layer: str = 'gelu', drop: float = 0.0):
-        super().__init__()
-        self.fc1 = Linear(in_features, hidden_features)
-        self.act = _act(act_layer)
-        self.fc2 = Linear(hidden_features, in_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        h = self.fc1(x)                                      # (..., hidden)
-        # the memory-saving backward (dropout would need its mask kept); not under paddle.jit.to_static, which has
-        # no static form of the paddle.grad that _LinearFn recomputes the activation with, and plans memory itself
-        if self.training and self.drop.p == 0 and paddle.in_dynamic_mode():
-            return _LinearFn.apply(h, self.fc2.weight, self.fc2.bias, self.act)
-        return self.drop(self.fc2(self.drop(self.act(h))))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Partitions. Block (window) attention attends within each non-overlapping p0 x p1 window; grid attention
-# attends within each g0 x g1 set of positions spaced (H/g0, W/g1) apart. Both return (B*num_windows, N, C)
-# with N = p0*p1 (or g0*g1), window index ordered (batch, row, column). The article called these block/unblock.
-# ----------------------------------------------------------------------------------------------------------------
-def window_partition(x: paddle.Tensor, size: Sequence[int]) -> paddle.Tensor:
-    """(B, H, W, C) -> (B * H/p0 * W/p1, p0*p1, C): token (i, j) of window (a, b) is pixel (a*p0+i, b*p1+j)."""
-    B, H, W, C = x.shape
-    if H % size[0] or W % size[1]:
-        raise ValueError(f'window_partition: a {H}x{W} map does not divide into {size[0]}x{size[1]} windows')
-    x = x.reshape([B, H // size[0], size[0], W // size[1], size[1], C])
-    return x.transpose([0, 1, 3, 2, 4, 5]).reshape([-1, size[0] * size[1], C])
-
-
-def window_reverse(windows: paddle.Tensor, size: Sequence[int], hw: Sequence[int]) -> paddle.Tensor:
-    """Inverse of window_partition: (B * H/p0 * W/p1, p0*p1, C) -> (B, H, W, C)."""
-    H, W = hw
-    C = windows.shape[-1]
-    x = windows.reshape([-1, H // size[0], W // size[1], size[0], size[1], C])
-    return x.transpose([0, 1, 3, 2, 4, 5]).reshape([-1, H, W, C])
-
-
-def grid_partition(x: paddle.Tensor, size: Sequence[int]) -> paddle.Tensor:
-    """(B, H, W, C) -> (B * H/g0 * W/g1, g0*g1, C): token (i, j) of window (a, b) is pixel (i*H/g0+a, j*W/g1+b)."""
-    B, H, W, C = x.shape
-    if H % size[0] or W % size[1]:
-        raise ValueError(f'grid_partition: a {H}x{W} map does not divide into a {size[0]}x{size[1]} grid')
-    x = x.reshape([B, size[0], H // size[0], size[1], W // size[1], C])
-    return x.transpose([0, 2, 4, 1, 3, 5]).reshape([-1, size[0] * size[1], C])
-
-
-def grid_reverse(windows: paddle.Tensor, size: Sequence[int], hw: Sequence[int]) -> paddle.Tensor:
-    """Inverse of grid_partition: (B * H/g0 * W/g1, g0*g1, C) -> (B, H, W, C)."""
-    H, W = hw
-    C = windows.shape[-1]
-    x = windows.reshape([-1, H // size[0], W // size[1], size[0], size[1], C])
-    return x.transpose([0, 3, 1, 4, 2, 5]).reshape([-1, H, W, C])
-
-
-def relative_position_index(size: Sequence[int]) -> paddle.Tensor:
-    """Row of the bias table for every (query, key) pair of an h x w window, flattened to (h*w*h*w,).
-
-    Row = (dy + h - 1) * (2w - 1) + (dx + w - 1) with (dy, dx) = query - key, as in Swin and the article.
-    """
-    h, w = size
-    ys, xs = paddle.meshgrid(paddle.arange(h), paddle.arange(w))
-    coords = paddle.stack([ys.flatten(), xs.flatten()])                 # (2, N)
-    rel = coords.unsqueeze(2) - coords.unsqueeze(1)                    # (2, N, N): query - key
-    return ((rel[0] + h - 1) * (2 * w - 1) + (rel[1] + w - 1)).flatten().astype('int64')
-
-
-def resize_relative_bias_table(table: paddle.Tensor, new_size: Sequence[int],
-                               old_size: Optional[Sequence[int]] = None) -> paddle.Tensor:
-    """Resize a ((2h-1)(2w-1), heads) bias table to another window size, bilinearly (align_corners=False),
-    as the official code does (tf.image.resize) when fine-tuning at a new resolution. ``old_size`` defaults
-    to the square window the table's row count implies."""
-    rows, heads = table.shape
-    if old_size is None:
-        side = math.isqrt(rows)
-        if side * side != rows:
-            raise ValueError(f'a bias table of {rows} rows is not from a square window; pass old_size')
-        old_size = ((side + 1) // 2, (side + 1) // 2)
-    old = [2 * s - 1 for s in old_size]
-    new = [2 * s - 1 for s in new_size]
-    if old == new:
-        return table
-    grid = table.astype('float32').transpose([1, 0]).reshape([1, heads, old[0], old[1]])
-    grid = F.interpolate(grid, size=new, mode='bilinear', align_corners=False)
-    return grid.reshape([heads, new[0] * new[1]]).transpose([1, 0]).astype(table.dtype)
-
-
-class Rel_Attention(nn.Layer):
-    """Multi-head self-attention with a learned relative position bias, on windows (B', N, C) -> (B', N, C).
-
-    ``mask`` (optional, (num_windows, N), True = padding) removes padded keys: windows are ordered
-    (batch, window), so B' = batch * num_windows.
-    """
-
-    def __init__(self, dim: int, window_size: Sequence[int], num_heads: int, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0):
-        super().__init__()
-        self.num_heads = num_heads
-        self.window_size = list(window_size)
-        self.scale = qk_scale or (dim // num_heads) ** -0.5
-        h, w = self.window_size
-        self.relative_bias_table = self.create_parameter(
-            [(2 * h - 1) * (2 * w - 1), num_heads], default_initializer=_TRUNC_NORMAL)
-        self.register_buffer('relative_index', relative_position_index(self.window_size), persistable=False)
-        self.qkv = Linear(dim, 3 * dim, bias_attr=None if qkv_bias else False)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def relative_bias(self) -> paddle.Tensor:
-        """(heads, N, N) bias: one row-gather of the table (index_select semantics, not torch.gather's)."""
-        n = self.window_size[0] * self.window_size[1]
-        bias = paddle.index_select(self.relative_bias_table, self.relative_index, axis=0)  # (N*N, heads)
-        return bias.reshape([n, n, self.num_heads]).transpose([2, 0, 1])
-
-    def attention_weights(self, x: paddle.Tensor, mask: Optional[paddle.Tensor] = None):
-        """Returns (softmax weights (B', heads, N, N), values (B', heads, N, head_dim))."""
-        Bw, N, C = x.shape
-        qkv = self.qkv(x).reshape([Bw, N, 3, self.num_heads, C // self.num_heads])
-        q, k, v = qkv.transpose([2, 0, 3, 1, 4]).unbind(0)                 # each (B', heads, N, head_dim)
-        attn = paddle.matmul(q, k, transpose_y=True)                       # (B', heads, N, N)
-        kernels = _cpu_kernels_for(self, attn)
-        if kernels is not None and mask is None:                           # one pass: scale, bias, softmax
-            return kernels.bias_softmax(attn, self.relative_bias(), self.scale), v
-        # scale the contiguous product, not the strided q view (an elementwise op on a strided view is slow)
-        attn = attn * self.scale
-        attn = attn + self.relative_bias().astype(attn.dtype)
-        if mask is not None:                                               # (nW, N) -> bias on padded keys
-            nw = mask.shape[0]
-            neg = paddle.full([], -1e4 if attn.dtype == paddle.float16 else -1e9, attn.dtype)
-            key_bias = paddle.where(mask, neg, paddle.zeros([], attn.dtype)).reshape([1, nw, 1, 1, N])
-            attn = (attn.reshape([-1, nw, self.num_heads, N, N]) + key_bias).reshape([Bw, self.num_heads, N, N])
-        # softmax in float32 (as the official code) so that fp16/bf16 training stays stable
-        attn = F.softmax(attn.astype('float32'), axis=-1).astype(v.dtype)
-        return attn, v
-
-    def forward(self, x: paddle.Tensor, mask: Optional[paddle.Tensor] = None) -> paddle.Tensor:
-        Bw, N, C = x.shape
-        attn, v = self.attention_weights(x, mask)
-        out = paddle.matmul(self.attn_drop(attn), v)                      # (B', heads, N, head_dim)
-        out = out.transpose([0, 2, 1, 3]).reshape([Bw, N, C])
-        return self.proj_drop(self.proj(out))
-
-
-def _pad_bottom_right(x: paddle.Tensor, pad_h: int, pad_w: int, value: float) -> paddle.Tensor:
-    """(B, H, W, C) -> (B, H+pad_h, W+pad_w, C), new rows/columns filled with ``value``. Concatenation rather
-    than F.pad: in exported models Paddle 3.3's oneDNN pads channels-last maps along the wrong axes
-    (data_format='NHWC') or crashes (the generic pad op)."""
-    B, H, W, C = x.shape
-    if pad_h:
-        x = paddle.concat([x, paddle.full([B, pad_h, W, C], value, x.dtype)], axis=1)
-    if pad_w:
-        x = paddle.concat([x, paddle.full([B, H + pad_h, pad_w, C], value, x.dtype)], axis=2)
-    return x
-
-
-class Window_Block(nn.Layer):
-    """Block attention + MLP, pre-norm residual, on a channels-last map (B, H, W, C) -> (B, H, W, C).
-
-    Only attention needs the windows, but everything else (LayerNorm, MLP, residuals) is per token, so the map is
-    partitioned once on the way in and put back once on the way out: the same values as normalising the map and
-    partitioning it for attention alone, with no layout change between the norms and the linear layers (OpenVINO
-    ran MaxViT-T 5-7% faster so, docs/performance.md). If H or W does not divide by the partition size, the map is
-    zero-padded at the bottom/right, padded keys are masked out of attention, and padded tokens are cropped at the
-    end (they never reach a real token).
-    """
-    partition = staticmethod(window_partition)
-    reverse = staticmethod(window_reverse)
-
-    def __init__(self, dim: int, block_size: Sequence[int] = (7, 7), num_heads: int = 8, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, qk_scale: Optional[float] = None, drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: float = 0.0, act_layer: str = 'gelu'):
-        super().__init__()
-        self.partition_size = list(block_size)
-        self.norm1 = Channel_Layernorm(dim)
-        self.attn = Rel_Attention(dim, block_size, num_heads, qkv_bias, qk_scale, attn_drop, drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = Channel_Layernorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer, drop)
-
-    def _drop_images(self, branch: paddle.Tensor, tokens_per_image: int) -> paddle.Tensor:
-        """DropPath on a (B*num_windows, N, C) branch, per image rather than per window: windows are ordered
-        (batch, window), so a (B, num_windows*N, C) view holds each image's tokens together."""
-        if isinstance(self.drop_path, nn.Identity):
-            return branch
-        return self.drop_path(branch.reshape([-1, tokens_per_image, branch.shape[-1]])).reshape(branch.shape)
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        B, H, W, C = x.shape
-        ph, pw = self.partition_size
-        pad_h, pad_w = -H % ph, -W % pw
-        mask = ()  # Rel_Attention's optional argument; none when nothing is padded (as paddle.summary shows it)
-        if pad_h or pad_w:
-            x = _pad_bottom_right(x, pad_h, pad_w, 0.0)                   # (B, Hp, Wp, C)
-            padded = _pad_bottom_right(paddle.zeros([1, H, W, 1]), pad_h, pad_w, 1.0)
-            mask = (self.partition(padded, self.partition_size).squeeze(-1).astype('bool'),)  # (nW, N), True = pad
-        Hp, Wp = H + pad_h, W + pad_w
-        t = self.partition(x, self.partition_size)                        # (B*nW, N, C)
-        t = t + self._drop_images(self.attn(self.norm1(t), *mask), Hp * Wp)
-        t = t + self._drop_images(self.mlp(self.norm2(t)), Hp * Wp)
-        x = self.reverse(t, self.partition_size, (Hp, Wp))                # (B, Hp, Wp, C)
-        return x[:, :H, :W, :] if pad_h or pad_w else x
-
-
-class Grid_Block(Window_Block):
-    """Grid attention + MLP: like Window_Block, but each attention window is a grid_size grid of positions
-    spaced (H/g0, W/g1) apart, so it mixes information across the whole map (dilated, global)."""
-    partition = staticmethod(grid_partition)
-    reverse = staticmethod(grid_reverse)
-
-    def __init__(self, dim: int, grid_size: Sequence[int] = (7, 7), num_heads: int = 8, **kwargs):
-        super().__init__(dim, grid_size, num_heads, **kwargs)
-
-
-class Max_Block(nn.Layer):
-    """MBConv -> Window_Block -> Grid_Block. (B, Cin, H, W) -> (B, Cout, H/stride, W/stride)."""
-
-    def __init__(self, in_dim: int, out_dim: int, num_heads: int, stride: int, drop_path: float,
-                 args: Dict[str, object]):
-        super().__init__()
-        self.mbconv = MBConv(in_dim, out_dim, args['mbconv_ksize'], stride, args['mbconv_expand_rate'],
-                             args['se_rate'], drop_path, act_layer=args['act_layer'], se_act=args['se_act'],
-                             conv_bias=args['mbconv_conv_bias'], out_norm=args['mbconv_out_norm'],
-                             shortcut_pool=args['shortcut_pool'], shortcut_conv_always=args['shortcut_conv_always'],
-                             same_padding=args['same_padding'], bn_eps=args['bn_eps'],
-                             bn_momentum=args['bn_momentum'])
-        attn_kwargs = dict(mlp_ratio=args['mlp_ratio'], qkv_bias=args['qkv_bias'], qk_scale=args['qk_scale'],
-                           drop=args['drop'], attn_drop=args['attn_drop'], drop_path=drop_path,
-                           act_layer=args['act_layer'])
-        self.block_attn = Window_Block(out_dim, args['block_size'], num_heads, **attn_kwargs)
-        self.grid_attn = Grid_Block(out_dim, args['grid_size'], num_heads, **attn_kwargs)
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        x = self.mbconv(x).transpose([0, 2, 3, 1])        # (B, H, W, C): attention works channels-last
-        x = self.grid_attn(self.block_attn(x))
-        return x.transpose([0, 3, 1, 2])                  # back to (B, C, H, W) for the next MBConv
-
-
-def _recompute_block(block: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
-    """block(x) with gradient checkpointing (Paddle's recompute): the forward keeps no activations, only x, and
-    runs again in backward with the first run's random state (the same DropPath masks) and autocast, so the
-    gradients are the plain ones. BatchNorm normalises by the batch in both runs; the second run leaves its
-    running statistics alone (momentum 1: running = 1 * running + 0 * batch), so they are updated once per step.
-    """
-    def run(inp):
-        if not paddle.is_grad_enabled():  # the first run: recompute calls it under no_grad
-            return block(inp)
-        norms = [layer for layer in block.sublayers() if isinstance(layer, _BatchNormBase)]
-        momenta = [layer._momentum for layer in norms]
-        for layer in norms:
-            layer._momentum = 1.0
-        try:
-            return block(inp)
-        finally:
-            for layer, momentum in zip(norms, momenta):
-                layer._momentum = momentum
-    return recompute(run, x, preserve_rng_state=True)
 
 
 class MaxViT(nn.Layer):
@@ -833,12 +299,12 @@ class MaxViT(nn.Layer):
         if out_indices is not None:
             self.feature_info = [self.feature_info[i] for i in out_indices]
         elif args['head'] == 'conv':
-            self.last_conv = nn.Sequential(Conv2D(in_dim, in_dim, 1), bn(in_dim), _act(act))
+            self.last_conv = nn.Sequential(nn.Conv2D(in_dim, in_dim, 1), bn(in_dim), _act(act))
         else:
             self.norm = nn.LayerNorm(in_dim)
-            self.pre_logits = nn.Sequential(Linear(in_dim, in_dim), nn.Tanh())
+            self.pre_logits = nn.Sequential(nn.Linear(in_dim, in_dim), nn.Tanh())
         if out_indices is None:
-            self.proj = Linear(in_dim, args['num_classes']) if args['num_classes'] > 0 else nn.Identity()
+            self.proj = nn.Linear(in_dim, args['num_classes']) if args['num_classes'] > 0 else nn.Identity()
         self.apply(_init_weights)
 
         for part in self._frozen_parts():
@@ -859,6 +325,11 @@ class MaxViT(nn.Layer):
             for layer in self.sublayers():
                 if isinstance(layer, (nn.BatchNorm2D, nn.SyncBatchNorm)):
                     layer.training = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing on or off (timm's switch; args['recompute'] sets it at construction): in
+        training, each Max_Block keeps only its input and runs its forward again in backward."""
+        self.args['recompute'] = bool(enable)
 
     def _recomputes(self, block: nn.Layer, x: paddle.Tensor) -> bool:
         """Whether ``block`` runs through gradient checkpointing: args['recompute'], training (a frozen block
@@ -912,7 +383,7 @@ class MaxViT(nn.Layer):
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a freshly initialised one for ``num_classes`` classes."""
         self.args['num_classes'] = num_classes
-        self.proj = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.proj = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.proj.apply(_init_weights)
 
 
@@ -923,3 +394,385 @@ def _init_weights(layer: nn.Layer) -> None:
         _TRUNC_NORMAL(layer.weight)
         if layer.bias is not None:
             nn.initializer.Constant(0.0)(layer.bias)
+
+
+class Max_Block(nn.Layer):
+    """MBConv -> Window_Block -> Grid_Block. (B, Cin, H, W) -> (B, Cout, H/stride, W/stride)."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_heads: int, stride: int, drop_path: float,
+                 args: Dict[str, object]):
+        super().__init__()
+        self.mbconv = MBConv(in_dim, out_dim, args['mbconv_ksize'], stride, args['mbconv_expand_rate'],
+                             args['se_rate'], drop_path, act_layer=args['act_layer'], se_act=args['se_act'],
+                             conv_bias=args['mbconv_conv_bias'], out_norm=args['mbconv_out_norm'],
+                             shortcut_pool=args['shortcut_pool'], shortcut_conv_always=args['shortcut_conv_always'],
+                             same_padding=args['same_padding'], bn_eps=args['bn_eps'],
+                             bn_momentum=args['bn_momentum'])
+        attn_kwargs = dict(mlp_ratio=args['mlp_ratio'], qkv_bias=args['qkv_bias'], qk_scale=args['qk_scale'],
+                           drop=args['drop'], attn_drop=args['attn_drop'], drop_path=drop_path,
+                           act_layer=args['act_layer'])
+        self.block_attn = Window_Block(out_dim, args['block_size'], num_heads, **attn_kwargs)
+        self.grid_attn = Grid_Block(out_dim, args['grid_size'], num_heads, **attn_kwargs)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.mbconv(x).transpose([0, 2, 3, 1])        # (B, H, W, C): attention works channels-last
+        x = self.grid_attn(self.block_attn(x))
+        return x.transpose([0, 3, 1, 2])                  # back to (B, C, H, W) for the next MBConv
+
+
+def _recompute_block(block: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
+    """block(x) with gradient checkpointing (Paddle's recompute): the forward keeps no activations, only x, and
+    runs again in backward with the first run's random state (the same DropPath masks) and autocast, so the
+    gradients are the plain ones. BatchNorm normalises by the batch in both runs; the second run starts from the
+    running statistics the first one started from, so they end as one update per step leaves them."""
+    running = [t for layer in block.sublayers() if isinstance(layer, (nn.BatchNorm2D, nn.SyncBatchNorm))
+               for t in layer.state_dict().values() if t.stop_gradient]     # running mean and variance
+    before = [t.clone() for t in running]
+
+    def run(inp):
+        if paddle.is_grad_enabled():  # the second run (recompute runs the first under no_grad)
+            for t, value in zip(running, before):
+                paddle.assign(value, output=t)
+        return block(inp)
+    return recompute(run, x, preserve_rng_state=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Partitions. Block (window) attention attends within each non-overlapping p0 x p1 window; grid attention
+# attends within each g0 x g1 set of positions spaced (H/g0, W/g1) apart. Both return (B*num_windows, N, C)
+# with N = p0*p1 (or g0*g1), window index ordered (batch, row, column). The article called these block/unblock.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def window_partition(x: paddle.Tensor, size: Sequence[int]) -> paddle.Tensor:
+    """(B, H, W, C) -> (B * H/p0 * W/p1, p0*p1, C): token (i, j) of window (a, b) is pixel (a*p0+i, b*p1+j)."""
+    B, H, W, C = x.shape
+    if H % size[0] or W % size[1]:
+        raise ValueError(f'window_partition: a {H}x{W} map does not divide into {size[0]}x{size[1]} windows')
+    x = x.reshape([B, H // size[0], size[0], W // size[1], size[1], C])
+    return x.transpose([0, 1, 3, 2, 4, 5]).reshape([-1, size[0] * size[1], C])
+
+
+def window_reverse(windows: paddle.Tensor, size: Sequence[int], hw: Sequence[int]) -> paddle.Tensor:
+    """Inverse of window_partition: (B * H/p0 * W/p1, p0*p1, C) -> (B, H, W, C)."""
+    H, W = hw
+    C = windows.shape[-1]
+    x = windows.reshape([-1, H // size[0], W // size[1], size[0], size[1], C])
+    return x.transpose([0, 1, 3, 2, 4, 5]).reshape([-1, H, W, C])
+
+
+def grid_partition(x: paddle.Tensor, size: Sequence[int]) -> paddle.Tensor:
+    """(B, H, W, C) -> (B * H/g0 * W/g1, g0*g1, C): token (i, j) of window (a, b) is pixel (i*H/g0+a, j*W/g1+b)."""
+    B, H, W, C = x.shape
+    if H % size[0] or W % size[1]:
+        raise ValueError(f'grid_partition: a {H}x{W} map does not divide into a {size[0]}x{size[1]} grid')
+    x = x.reshape([B, size[0], H // size[0], size[1], W // size[1], C])
+    return x.transpose([0, 2, 4, 1, 3, 5]).reshape([-1, size[0] * size[1], C])
+
+
+def grid_reverse(windows: paddle.Tensor, size: Sequence[int], hw: Sequence[int]) -> paddle.Tensor:
+    """Inverse of grid_partition: (B * H/g0 * W/g1, g0*g1, C) -> (B, H, W, C)."""
+    H, W = hw
+    C = windows.shape[-1]
+    x = windows.reshape([-1, H // size[0], W // size[1], size[0], size[1], C])
+    return x.transpose([0, 3, 1, 4, 2, 5]).reshape([-1, H, W, C])
+
+
+def _pad_bottom_right(x: paddle.Tensor, pad_h: int, pad_w: int, value: float) -> paddle.Tensor:
+    """(B, H, W, C) -> (B, H+pad_h, W+pad_w, C), new rows/columns filled with ``value``. Concatenation rather
+    than F.pad: in exported models Paddle 3.3's oneDNN pads channels-last maps along the wrong axes
+    (data_format='NHWC') or crashes (the generic pad op)."""
+    B, H, W, C = x.shape
+    if pad_h:
+        x = paddle.concat([x, paddle.full([B, pad_h, W, C], value, x.dtype)], axis=1)
+    if pad_w:
+        x = paddle.concat([x, paddle.full([B, H + pad_h, pad_w, C], value, x.dtype)], axis=2)
+    return x
+
+
+class Window_Block(nn.Layer):
+    """Block attention + MLP, pre-norm residual, on a channels-last map (B, H, W, C) -> (B, H, W, C).
+
+    Only attention needs the windows, but everything else (LayerNorm, MLP, residuals) is per token, so the map is
+    partitioned once on the way in and put back once on the way out: the same values as normalising the map and
+    partitioning it for attention alone, with no layout change between the norms and the linear layers, which
+    inference engines then fuse. If H or W does not divide by the partition size, the map is
+    zero-padded at the bottom/right, padded keys are masked out of attention, and padded tokens are cropped at the
+    end (they never reach a real token).
+    """
+    partition = staticmethod(window_partition)
+    reverse = staticmethod(window_reverse)
+
+    def __init__(self, dim: int, block_size: Sequence[int] = (7, 7), num_heads: int = 8, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, qk_scale: Optional[float] = None, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0, act_layer: str = 'gelu'):
+        super().__init__()
+        self.partition_size = list(block_size)
+        self.norm1 = Channel_Layernorm(dim)
+        self.attn = Rel_Attention(dim, block_size, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = Channel_Layernorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer, drop)
+
+    def _drop_images(self, branch: paddle.Tensor, tokens_per_image: int) -> paddle.Tensor:
+        """DropPath on a (B*num_windows, N, C) branch, per image rather than per window: windows are ordered
+        (batch, window), so a (B, num_windows*N, C) view holds each image's tokens together."""
+        if isinstance(self.drop_path, nn.Identity):
+            return branch
+        return self.drop_path(branch.reshape([-1, tokens_per_image, branch.shape[-1]])).reshape(branch.shape)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        B, H, W, C = x.shape
+        ph, pw = self.partition_size
+        pad_h, pad_w = -H % ph, -W % pw
+        mask = ()  # Rel_Attention's optional argument; none when nothing is padded (as paddle.summary shows it)
+        if pad_h or pad_w:
+            x = _pad_bottom_right(x, pad_h, pad_w, 0.0)                   # (B, Hp, Wp, C)
+            padded = _pad_bottom_right(paddle.zeros([1, H, W, 1]), pad_h, pad_w, 1.0)
+            mask = (self.partition(padded, self.partition_size).squeeze(-1).astype('bool'),)  # (nW, N), True = pad
+        Hp, Wp = H + pad_h, W + pad_w
+        t = self.partition(x, self.partition_size)                        # (B*nW, N, C)
+        t = t + self._drop_images(self.attn(self.norm1(t), *mask), Hp * Wp)
+        t = t + self._drop_images(self.mlp(self.norm2(t)), Hp * Wp)
+        x = self.reverse(t, self.partition_size, (Hp, Wp))                # (B, Hp, Wp, C)
+        return x[:, :H, :W, :] if pad_h or pad_w else x
+
+
+class Grid_Block(Window_Block):
+    """Grid attention + MLP: like Window_Block, but each attention window is a grid_size grid of positions
+    spaced (H/g0, W/g1) apart, so it mixes information across the whole map (dilated, global)."""
+    partition = staticmethod(grid_partition)
+    reverse = staticmethod(grid_reverse)
+
+    def __init__(self, dim: int, grid_size: Sequence[int] = (7, 7), num_heads: int = 8, **kwargs):
+        super().__init__(dim, grid_size, num_heads, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MBConv and squeeze-excitation (NCHW)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MBConv(nn.Layer):
+    """Pre-norm inverted bottleneck: BN -> 1x1 expand -> BN act -> kxk depthwise (stride) -> BN act -> SE
+    -> 1x1 project [-> BN], plus a shortcut (pool + 1x1 conv when it downsamples). (B, Cin, H, W) ->
+    (B, Cout, ceil(H/stride), ceil(W/stride)).
+
+    The positional arguments are the article's; the keyword-only ones are the layout options of DEFAULT_ARGS
+    (article values by default, TF_LAYOUT for the official layout).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, kernel_size: int = 3, stride_size: int = 1,
+                 expand_rate: float = 4, se_rate: float = 0.25, drop_path: float = 0.0, *,
+                 act_layer: str = 'gelu', se_act: str = 'gelu', conv_bias: bool = True, out_norm: bool = True,
+                 shortcut_pool: str = 'max3', shortcut_conv_always: bool = True, same_padding: bool = False,
+                 bn_eps: float = 1e-5, bn_momentum: float = 0.9):
+        super().__init__()
+        hidden_dim = int(expand_rate * out_dim)
+        bn = functools.partial(nn.BatchNorm2D, momentum=bn_momentum, epsilon=bn_eps)
+        self.bn = bn(in_dim)
+        self.expand_conv = nn.Sequential(_conv(in_dim, hidden_dim, 1, bias=conv_bias), bn(hidden_dim),
+                                         _act(act_layer))
+        self.dw_conv = nn.Sequential(_conv(hidden_dim, hidden_dim, kernel_size, stride_size, groups=hidden_dim,
+                                           bias=conv_bias, same=same_padding),
+                                     bn(hidden_dim), _act(act_layer))
+        self.se = SE(hidden_dim, max(1, int(out_dim * se_rate)), se_act)
+        out_conv = [_conv(hidden_dim, out_dim, 1)]
+        if out_norm:
+            out_conv.append(bn(out_dim))
+        self.out_conv = nn.Sequential(*out_conv)
+        shortcut = []
+        if stride_size > 1:
+            if shortcut_pool == 'max3':
+                shortcut.append(nn.MaxPool2D(kernel_size, stride_size, kernel_size // 2))
+            else:
+                shortcut.append(nn.AvgPool2D(stride_size, stride_size, padding='SAME' if same_padding else 0,
+                                             ceil_mode=not same_padding))
+        if in_dim != out_dim or (stride_size > 1 and shortcut_conv_always):
+            shortcut.append(nn.Conv2D(in_dim, out_dim, 1))
+        self.proj = nn.Sequential(*shortcut) if shortcut else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        out = self.bn(x)
+        out = self.expand_conv(out)          # (B, hidden, H, W)
+        out = self.dw_conv(out)              # (B, hidden, ceil(H/s), ceil(W/s))
+        out = self.se(out)
+        out = self.out_conv(out)             # (B, out, ceil(H/s), ceil(W/s))
+        return self.drop_path(out) + self.proj(x)
+
+
+class SE(nn.Layer):
+    """Squeeze-and-excitation: x * sigmoid(conv(act(conv(mean_hw(x))))). x: (B, C, H, W)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, act_layer: str = 'gelu'):
+        super().__init__()
+        self.gate = nn.Sequential(nn.Conv2D(in_dim, hidden_dim, 1), _act(act_layer),
+                                  nn.Conv2D(hidden_dim, in_dim, 1), nn.Sigmoid())
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        # adaptive_avg_pool2d rather than mean: same values, but Paddle Inference runs it as a oneDNN pool
+        # (reduce_mean falls back to a slow kernel) and its backward is cheaper than mean's broadcast.
+        return x * self.gate(F.adaptive_avg_pool2d(x, 1))  # gate: (B, C, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention and MLP (channels-last tokens)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def relative_position_index(size: Sequence[int]) -> paddle.Tensor:
+    """Row of the bias table for every (query, key) pair of an h x w window, flattened to (h*w*h*w,).
+
+    Row = (dy + h - 1) * (2w - 1) + (dx + w - 1) with (dy, dx) = query - key, as in Swin and the article.
+    """
+    h, w = size
+    ys, xs = paddle.meshgrid(paddle.arange(h), paddle.arange(w))
+    coords = paddle.stack([ys.flatten(), xs.flatten()])                 # (2, N)
+    rel = coords.unsqueeze(2) - coords.unsqueeze(1)                    # (2, N, N): query - key
+    return ((rel[0] + h - 1) * (2 * w - 1) + (rel[1] + w - 1)).flatten().astype('int64')
+
+
+def resize_relative_bias_table(table: paddle.Tensor, new_size: Sequence[int],
+                               old_size: Optional[Sequence[int]] = None) -> paddle.Tensor:
+    """Resize a ((2h-1)(2w-1), heads) bias table to another window size, bilinearly (align_corners=False),
+    as the official code does (tf.image.resize) when fine-tuning at a new resolution. ``old_size`` defaults
+    to the square window the table's row count implies."""
+    rows, heads = table.shape
+    if old_size is None:
+        side = math.isqrt(rows)
+        if side * side != rows:
+            raise ValueError(f'a bias table of {rows} rows is not from a square window; pass old_size')
+        old_size = ((side + 1) // 2, (side + 1) // 2)
+    old = [2 * s - 1 for s in old_size]
+    new = [2 * s - 1 for s in new_size]
+    if old == new:
+        return table
+    grid = table.astype('float32').transpose([1, 0]).reshape([1, heads, old[0], old[1]])
+    grid = F.interpolate(grid, size=new, mode='bilinear', align_corners=False)
+    return grid.reshape([heads, new[0] * new[1]]).transpose([1, 0]).astype(table.dtype)
+
+
+class Rel_Attention(nn.Layer):
+    """Multi-head self-attention with a learned relative position bias, on windows (B', N, C) -> (B', N, C).
+
+    ``mask`` (optional, (num_windows, N), True = padding) removes padded keys: windows are ordered
+    (batch, window), so B' = batch * num_windows.
+    """
+
+    def __init__(self, dim: int, window_size: Sequence[int], num_heads: int, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.window_size = list(window_size)
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        h, w = self.window_size
+        self.relative_bias_table = self.create_parameter(
+            [(2 * h - 1) * (2 * w - 1), num_heads], default_initializer=_TRUNC_NORMAL)
+        self.register_buffer('relative_index', relative_position_index(self.window_size), persistable=False)
+        self.qkv = nn.Linear(dim, 3 * dim, bias_attr=None if qkv_bias else False)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def relative_bias(self) -> paddle.Tensor:
+        """(heads, N, N) bias: one row-gather of the table (index_select semantics, not torch.gather's)."""
+        n = self.window_size[0] * self.window_size[1]
+        bias = paddle.index_select(self.relative_bias_table, self.relative_index, axis=0)  # (N*N, heads)
+        return bias.reshape([n, n, self.num_heads]).transpose([2, 0, 1])
+
+    def attention_weights(self, x: paddle.Tensor, mask: Optional[paddle.Tensor] = None):
+        """Returns (softmax weights (B', heads, N, N), values (B', heads, N, head_dim))."""
+        Bw, N, C = x.shape
+        qkv = self.qkv(x).reshape([Bw, N, 3, self.num_heads, C // self.num_heads])
+        q, k, v = qkv.transpose([2, 0, 3, 1, 4]).unbind(0)                 # each (B', heads, N, head_dim)
+        scores = paddle.matmul(q, k, transpose_y=True)                     # (B', heads, N, N)
+        attn = self.scores_to_weights(scores, mask)                        # float32
+        return (attn if attn.dtype == v.dtype else attn.astype(v.dtype)), v
+
+    def scores_to_weights(self, scores: paddle.Tensor, mask: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+        """softmax(scale * q.k + relative bias) over the keys, with padded keys (mask) left out: (B', heads, N, N)."""
+        Bw, heads, N, _ = scores.shape
+        # scale the contiguous product, not the strided q view (an elementwise op on a strided view is slow)
+        attn = scores * self.scale + self.relative_bias().astype(scores.dtype)
+        if mask is not None:                                               # (nW, N) -> bias on padded keys
+            nw = mask.shape[0]
+            neg = paddle.full([], -1e4 if attn.dtype == paddle.float16 else -1e9, attn.dtype)
+            key_bias = paddle.where(mask, neg, paddle.zeros([], attn.dtype)).reshape([1, nw, 1, 1, N])
+            attn = (attn.reshape([-1, nw, heads, N, N]) + key_bias).reshape([Bw, heads, N, N])
+        # softmax in float32 (as the official code) so that fp16/bf16 training stays stable
+        return F.softmax(attn.astype('float32'), axis=-1)
+
+    def forward(self, x: paddle.Tensor, mask: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+        Bw, N, C = x.shape
+        attn, v = self.attention_weights(x, mask)
+        out = paddle.matmul(self.attn_drop(attn), v)                      # (B', heads, N, head_dim)
+        out = out.transpose([0, 2, 1, 3]).reshape([Bw, N, C])
+        return self.proj_drop(self.proj(out))
+
+
+class Mlp(nn.Layer):
+    """Linear -> act -> dropout -> Linear -> dropout on channels-last tokens (..., C)."""
+
+    def __init__(self, in_features: int, hidden_features: int, act_layer: str = 'gelu', drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = _act(act_layer)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        h = self.act(self.fc1(x))                            # (..., hidden)
+        return self.drop(self.fc2(self.drop(h)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small layers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# N(0, 0.02) truncated at 2 std. Paddle's a/b are absolute bounds (the default -2, 2 would truncate nothing).
+_TRUNC_NORMAL = nn.initializer.TruncatedNormal(mean=0.0, std=0.02, a=-0.04, b=0.04)
+
+
+def _act(name: str) -> nn.Layer:
+    if name == 'silu':
+        return nn.Silu()
+    return nn.GELU(approximate=(name == 'gelu_tanh'))
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, bias: bool = True,
+          same: bool = False) -> nn.Conv2D:
+    """Conv2D with 'k//2' padding, or TensorFlow 'SAME' padding when it is strided and ``same`` is set
+    (stride 2 on an even size: TF pads nothing before and one after, which shifts the sampling grid)."""
+    padding = 'SAME' if (same and stride > 1) else k // 2
+    return nn.Conv2D(cin, cout, k, stride, padding, groups=groups, bias_attr=None if bias else False)
+
+
+class DropPath(nn.Layer):
+    """Stochastic depth: zero a residual branch for a random subset of samples, scale the rest by 1/keep."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def sample_scale(self, x: paddle.Tensor) -> paddle.Tensor:
+        """(B, 1, 1, ...): 0 for a dropped sample, 1/keep for a kept one."""
+        keep = 1.0 - self.drop_prob
+        return (paddle.rand([x.shape[0]] + [1] * (x.ndim - 1)) < keep).astype(x.dtype) / keep
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        return x * self.sample_scale(x)
+
+    def extra_repr(self) -> str:
+        return f'drop_prob={self.drop_prob}'
+
+
+class Channel_Layernorm(nn.LayerNorm):
+    """LayerNorm over the channel axis of channels-last tokens (..., C): an attention block's windows.
+
+    The article's Channel_Layernorm wrapped a LayerNorm between two NCHW<->NHWC transposes; our attention blocks
+    are channels-last already, so the transposes are gone and this is LayerNorm itself (same parameters).
+    """

@@ -1,10 +1,9 @@
-"""MaxViT's CPU kernels (cpu_kernels.cc): built once per machine and Paddle version with paddle.utils.cpp_extension,
-then handed to maxvit.py, whose layers use them on the CPU in eager mode and in static training graphs: depthwise
-convolution, GELU, LayerNorm, the attention's scale + bias + softmax, and the linear layers of static training
-graphs, each with its backward. Paddle's own CPU kernels for the first four took a third of an eager MaxViT-T
-training step (docs/performance.md). enable() is called by common.device.setup('cpu'); without a C++ compiler,
-or with MAXVIT_CPU_KERNELS=0 in the environment, the model runs on Paddle's own ops, with the same results to
-float rounding."""
+"""MaxViT's CPU kernels (cpu_kernels.cc), built once per machine and Paddle version with paddle.utils.cpp_extension:
+depthwise convolution, GELU, LayerNorm, the attention's scale + bias + softmax, and the linear layers of static
+training graphs, each with its backward, where Paddle's own CPU kernels are slow (docs/performance.md).
+common/fast_layers.py hands them to a model's layers (use_fast_layers). Without a C++ compiler, or with
+MAXVIT_CPU_KERNELS=0 in the environment, load() returns False and the layers run Paddle's own ops, with the same
+results to float rounding."""
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +19,12 @@ from typing import Optional
 
 import paddle
 
+from common import native_output_filtered
+from common.cpu_info import cpu_field
+
 SOURCE = Path(__file__).with_name('cpu_kernels.cc')
 NAME = 'maxvit_cpu_kernels'
+BUILD_NOISE = ('No ccache found', 'warnings.warn(warning_message)', 'using custom operator only')
 UNUSED_DAYS = 30  # a build no process has loaded for this long is deleted when another one is built
 _loaded: Optional[bool] = None  # this process: None = not tried yet, else whether the ops are registered
 
@@ -29,7 +32,6 @@ _loaded: Optional[bool] = None  # this process: None = not tried yet, else wheth
 def build_dir() -> Path:
     """Where the compiled kernels live: one directory per source (the .cc and this file, which holds the build
     flags), Paddle build and CPU (-march=native), under $XDG_CACHE_HOME or ~/.cache."""
-    from common.device import cpu_field  # (common.device imports this module)
     key = hashlib.sha256(SOURCE.read_bytes() + Path(__file__).read_bytes() + paddle.version.full_version.encode()
                          + paddle.version.commit.encode() + cpu_field('flags').encode()).hexdigest()[:16]
     cache = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache')
@@ -56,7 +58,9 @@ def _build(directory: Path) -> None:
     print(f'maxvit: building the CPU kernels once for this machine and Paddle {paddle.__version__} '
           f'(about 15 s) into {directory}', file=sys.stderr, flush=True)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the build's chatter; errors come back in the exception
+        # the build's chatter (Paddle's compiler subprocess: a ccache hint, 'using custom operator only' twice) is
+        # dropped; anything else it prints, a compiler error included, still shows
+        with contextlib.redirect_stdout(io.StringIO()), native_output_filtered(BUILD_NOISE):
             load(name=NAME, sources=[str(SOURCE)], extra_cxx_cflags=['-O3', '-march=native', '-fopenmp'],
                  extra_ldflags=_link_flags(), build_directory=str(staging), verbose=False)
         shutil.rmtree(directory, ignore_errors=True)
@@ -124,13 +128,6 @@ def load() -> bool:
     return True
 
 
-def enable() -> bool:
-    """Load the kernels and have maxvit's layers use them on the CPU. Returns whether they are in use."""
-    import maxvit
-    maxvit.CPU_KERNELS = KernelOps() if load() else None
-    return maxvit.CPU_KERNELS is not None
-
-
 def _run(op: str, tensors: list, *attrs):
     """Run custom op ``op`` on ``tensors`` and ``attrs``; its first output. (Paddle hands a custom op a dense copy
     of a strided view, which the kernels need: tested.) Under no_grad (and in a PyLayer's forward) the inputs are
@@ -142,7 +139,7 @@ def _run(op: str, tensors: list, *attrs):
 
 
 class KernelOps:
-    """The ops as maxvit calls them: float32 CPU tensors, in eager mode or a static training graph; autograd runs
+    """The ops as common/fast_layers.py calls them: float32 CPU tensors, in eager mode or a static training graph; autograd runs
     back through each."""
 
     @staticmethod

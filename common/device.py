@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import paddle
 import paddle.distributed as dist
 
-from common import cpu_kernels
 from common.config import ConfigError
+from common.cpu_info import cpu_cores, cpu_vendor
 
 
 @dataclass
@@ -63,35 +63,14 @@ def amp_context(amp: dict):
     return lambda: paddle.amp.auto_cast(level=amp['level'], dtype=amp['dtype'])
 
 
-def cpu_cores() -> int:
-    """Cores this process may run on (its affinity mask, where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-
-
-def cpu_field(name: str) -> str:
-    """The value of the first /proc/cpuinfo line called ``name`` ('vendor_id', 'flags', ...); '' where there is
-    none (no /proc/cpuinfo: not Linux)."""
-    try:
-        with open('/proc/cpuinfo', encoding='utf-8') as f:
-            return next((line.split(':', 1)[1].strip() for line in f if line.split(':', 1)[0].strip() == name), '')
-    except OSError:
-        return ''
-
-
-def cpu_vendor() -> str:
-    """'AuthenticAMD', 'GenuineIntel', ... ('' where /proc/cpuinfo does not say)."""
-    return cpu_field('vendor_id')
-
-
 def use_cpu_cores() -> int:
     """Tune Paddle's CPU math library (MKL) before the first Paddle operation runs; settings the user made in
     the environment win. Returns the thread count.
 
     * Threads: this process's share of the cores. Eager Paddle runs MKL on one thread unless MKL_NUM_THREADS
-      says otherwise, which made MaxViT-T 1.35x slower on 2 cores.
+      says otherwise.
     * AMD CPUs: the MKL that Paddle bundles takes a slow generic code path on non-Intel CPUs unless
-      MKL_DEBUG_CPU_TYPE=5 lets it use its AVX2 kernels: float32 GEMM went from 95 to 229 GFLOP/s on the
-      2-core AMD EPYC we test on (torch's own MKL: 222).
+      MKL_DEBUG_CPU_TYPE=5 lets it use its AVX2 kernels (float32 GEMM then runs at about twice the rate).
     """
     per_process = max(1, cpu_cores() // int(os.environ.get('PADDLE_LOCAL_SIZE', '1')))  # processes on this machine
     os.environ.setdefault('MKL_NUM_THREADS', str(per_process))
@@ -105,21 +84,17 @@ MALLOC_SETTINGS = ('GLIBC_TUNABLES', 'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRE
 
 
 def tune_cpu_eager() -> None:
-    """Two process-wide settings that make eager Paddle on CPU about 1.5x faster on MaxViT-T (inference and training
-    steps at batch 8; docs/performance.md), for everything in this process; settings the user made in the
-    environment win.
+    """Two process-wide settings that make eager Paddle on CPU faster (docs/performance.md), for everything in this
+    process; settings the user made in the environment win. Neither changes a result.
 
     * ``FLAGS_use_stride_kernel`` off: transpose and unbind write dense copies with Paddle's transpose kernel
       instead of returning strided views, which the next reshape or matmul then copies with a generic
-      strided-copy kernel 7x slower. The window/grid partitions and the q/k/v split went through it: 18% of an
-      eager forward pass.
+      strided-copy kernel several times slower (the window/grid partitions and the q/k/v split).
     * glibc's malloc keeps freed buffers of up to 32 MB (``M_MMAP_THRESHOLD``, its maximum) for reuse, and
       keeps up to 1 GB of free heap (``M_TRIM_THRESHOLD``) rather than returning it to the OS after every step.
-      Paddle's CPU allocator mallocs and frees every tensor, and a new activation of a few MB came fresh from
-      the kernel and page-faulted as it was written: a (25088, 64) x (64, 256) matmul took 12 ms here, and 4.5 ms
-      with the buffer reused. Larger buffers still go back to the OS, so peak memory stays as it was
-      (M_MMAP_MAX=0, every buffer from the heap, was 5% faster again but raised the training peak at batch 32
-      by 1.3-1.8 GB).
+      Paddle's CPU allocator mallocs and frees every tensor, and a new activation of a few MB would otherwise
+      come fresh from the kernel and page-fault as it is written. Larger buffers still go back to the OS, so
+      peak memory stays as it was (every buffer from the heap, M_MMAP_MAX=0, would raise the training peak).
     """
     if 'FLAGS_use_stride_kernel' not in os.environ:
         paddle.set_flags({'FLAGS_use_stride_kernel': False})
@@ -144,7 +119,6 @@ def setup(device: str = 'auto') -> Env:
                            '(README, Install) or use -o Global.device=cpu')
     if device == 'cpu':
         tune_cpu_eager()
-        cpu_kernels.enable()
     paddle.set_device(device)  # under the launcher, 'gpu' means this process's GPU (FLAGS_selected_gpus)
     world_size = dist.get_world_size()
     if world_size > 1:

@@ -10,8 +10,9 @@ import pytest
 from common.device import setup
 from common.shapes import make_shapes_dataset
 
-# The suite runs as train.py does on a CPU machine: eager Paddle tuned and MaxViT's CPU kernels on
-# (common.device.setup); tests/test_cpu_kernels.py compares the kernels with Paddle's own ops.
+# The suite runs on the CPU with eager Paddle tuned as train.py tunes it (common.device.setup). Models built here
+# run Paddle's own layers unless a test calls use_fast_layers, as train.py and eval.py do (tests/test_fast_layers.py
+# and tests/test_cpu_kernels.py compare the two).
 setup('cpu')
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,5 +1,9 @@
 """MaxViT's CPU kernels (common/cpu_kernels.cc): each op's values and gradients against Paddle's own ops, the whole
-model with and without them, and the fallback to Paddle's ops when they cannot be built."""
+model with them (use_fast_layers) against the plain model, and the fallback to Paddle's ops when they cannot be
+built.
+
+Tolerances: an op's output is compared within rtol of the largest entry of its reference (assert_same): the
+kernels sum in another order than oneDNN/MKL, so results differ by float32 rounding of the magnitudes summed."""
 import os
 import subprocess
 import sys
@@ -11,8 +15,11 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
+import paddle.nn as nn
+
 import maxvit
 from common import cpu_kernels
+from common.fast_layers import FastConv2D, use_fast_layers
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.load(), reason='the CPU kernels could not be built here')
@@ -46,20 +53,20 @@ def test_depthwise_conv_matches_paddle(shape, k, stride, padding):
     C = shape[1]
     x, w, b = (rng.randn(*shape).astype('float32'), rng.randn(C, 1, k, k).astype('float32'),
                rng.randn(C).astype('float32'))
-    conv = maxvit.Conv2D(C, C, k, stride, padding, groups=C)
-    geometry = conv._depthwise_geometry(shape)
+    conv = FastConv2D(C, C, k, stride, padding, groups=C)
+    geometry = conv.depthwise_geometry(shape)
     ref = values_and_grads(lambda x, w, b: F.conv2d(x, w, b, stride, padding, groups=C), x, w, b)
     assert geometry[2:] == ref[0].shape[2:]
     assert_same(values_and_grads(lambda x, w, b: OPS.depthwise_conv(x, w, b, stride, *geometry), x, w, b), ref)
 
 
 def test_depthwise_geometry_only_for_what_the_kernel_computes():
-    assert maxvit.Conv2D(4, 4, 3, 1, 1, groups=4)._depthwise_geometry([1, 4, 8, 8]) == (1, 1, 8, 8)
-    assert maxvit.Conv2D(4, 4, 3, 2, 'SAME', groups=4)._depthwise_geometry([1, 4, 8, 7]) == (0, 1, 4, 4)
-    for conv in (maxvit.Conv2D(4, 8, 3, 1, 1, groups=4), maxvit.Conv2D(4, 4, 3, 1, 1),
-                 maxvit.Conv2D(4, 4, 3, 1, 2, dilation=2, groups=4), maxvit.Conv2D(4, 4, 3, 1, 'VALID', groups=4),
-                 maxvit.Conv2D(4, 4, 3, 1, 1, groups=4, padding_mode='reflect')):
-        assert conv._depthwise_geometry([1, 4, 8, 8]) is None
+    assert FastConv2D(4, 4, 3, 1, 1, groups=4).depthwise_geometry([1, 4, 8, 8]) == (1, 1, 8, 8)
+    assert FastConv2D(4, 4, 3, 2, 'SAME', groups=4).depthwise_geometry([1, 4, 8, 7]) == (0, 1, 4, 4)
+    for conv in (FastConv2D(4, 8, 3, 1, 1, groups=4), FastConv2D(4, 4, 3, 1, 1),
+                 FastConv2D(4, 4, 3, 1, 2, dilation=2, groups=4), FastConv2D(4, 4, 3, 1, 'VALID', groups=4),
+                 FastConv2D(4, 4, 3, 1, 1, groups=4, padding_mode='reflect')):
+        assert conv.depthwise_geometry([1, 4, 8, 8]) is None
 
 
 @pytest.mark.parametrize('shape', [(6, 37, 64), (5, 3, 7)])
@@ -112,8 +119,9 @@ class Recording:
 
 @pytest.mark.parametrize('name, size', [('tiny_tf', 128), ('tiny', 128), ('tiny_tf', 50)],
                          ids=['official-128', 'article-128', 'official-50-padded'])
-def test_model_with_kernels_equals_model_without(name, size, monkeypatch):
-    """Logits and every parameter gradient of a training step, with the kernels and with Paddle's ops: the
+def test_model_with_kernels_equals_model_without(name, size):
+    """Logits and every parameter gradient of a training step, with the fast layers and kernels
+    (use_fast_layers) and as built (Paddle's own ops): the
     official layout ('SAME' padding, tanh GELU, SiLU in SE), the article layout, and a size whose stage maps need
     padding and masked attention (which the kernels leave to Paddle). 4x4 windows: at 128 every stage map
     (32, 16, 8, 4) divides by them, at 50 three of four do not."""
@@ -122,8 +130,9 @@ def test_model_with_kernels_equals_model_without(name, size, monkeypatch):
                                 grid_size=[4, 4])
     x = paddle.to_tensor(np.random.RandomState(4).randn(2, 3, size, size).astype('float32'))
     results = []
-    for ops in (Recording(), None):
-        monkeypatch.setattr(maxvit, 'CPU_KERNELS', ops)
+    for ops in (None, Recording()):  # as built, then swapped (in place) for the fast layers
+        if ops is not None:
+            use_fast_layers(model, kernels=ops)
         paddle.seed(1)  # the same stochastic-depth draws
         model.clear_gradients()
         logits = model(x)
@@ -133,7 +142,7 @@ def test_model_with_kernels_equals_model_without(name, size, monkeypatch):
         if ops is not None:  # every kind of layer went through the kernels
             assert set(ops.calls) == {'depthwise_conv', 'gelu', 'layer_norm', 'bias_softmax'}, ops.calls
             assert ops.calls['depthwise_conv'] == 5 and ops.calls['layer_norm'] == 20
-    (logits, grads), (ref_logits, ref_grads) = results
+    (ref_logits, ref_grads), (logits, grads) = results
     assert_same([logits], [ref_logits])
     # gradients to float rounding of the largest one (some biases before a BatchNorm have a gradient of zero
     # in exact arithmetic, so their own scale is rounding noise)
@@ -171,28 +180,30 @@ def test_no_backward_recorded_under_no_grad():
     assert not OPS.gelu(x, False).stop_gradient  # with gradients on, the backward is there
 
 
-def test_kernels_in_eager_and_static_training_but_not_in_exports_or_other_dtypes(monkeypatch):
+def test_kernels_in_eager_and_static_training_but_not_in_exports_or_other_dtypes():
     """The kernels run in eager mode and in static training graphs (Global.to_static), on float32; exported models
     (static, eval mode) keep Paddle's ops, which Paddle Inference and the ONNX runtimes know."""
     ops = Recording()
-    monkeypatch.setattr(maxvit, 'CPU_KERNELS', ops)
-    maxvit.GELU()(paddle.ones([4], 'float64'))
+
+    def fast(layer):
+        return use_fast_layers(layer, kernels=ops)
+    fast(nn.GELU())(paddle.ones([4], 'float64'))
     assert not ops.calls
     spec = [paddle.static.InputSpec([4], 'float32')]
-    exported = maxvit.GELU()
+    exported = fast(nn.GELU())
     exported.eval()
     paddle.jit.to_static(exported, full_graph=True, input_spec=spec)(paddle.ones([4]))
     assert not ops.calls
-    training = maxvit.GELU()
+    training = fast(nn.GELU())
     training.train()
     paddle.jit.to_static(training, full_graph=True, input_spec=spec)(paddle.ones([4]))  # traced once
-    maxvit.GELU()(paddle.ones([4]))
+    fast(nn.GELU())(paddle.ones([4]))
     assert ops.calls == {'gelu': 2}
     # Linear: its own C++ op in static training graphs only (eager training has _LinearFn, exports addmm)
-    linear = maxvit.Linear(4, 3)
+    linear = fast(nn.Linear(4, 3))
     paddle.jit.to_static(linear, full_graph=True, input_spec=[paddle.static.InputSpec([2, 4], 'float32')])(
         paddle.ones([2, 4]))
-    maxvit.Linear(4, 3)(paddle.ones([2, 4]))
+    fast(nn.Linear(4, 3))(paddle.ones([2, 4]))
     assert ops.calls == {'gelu': 2, 'linear': 1}
 
 
@@ -202,19 +213,21 @@ def test_build_failure_falls_back_to_paddle_ops(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, '_loaded', None)
     monkeypatch.setattr(cpu_kernels, '_build', fail)
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
-    monkeypatch.setattr(maxvit, 'CPU_KERNELS', OPS)
     with pytest.warns(UserWarning, match=r'could not be built or loaded \(RuntimeError: c\+\+: command not found\).*'
                                          r'MAXVIT_CPU_KERNELS=0'):
-        assert cpu_kernels.enable() is False
-    assert maxvit.CPU_KERNELS is None
+        gelu = use_fast_layers(nn.GELU())
+    assert gelu._kernels is None and cpu_kernels.load() is False
+    np.testing.assert_array_equal(gelu(paddle.ones([3])).numpy(), F.gelu(paddle.ones([3])).numpy())
 
 
 def test_environment_turns_the_kernels_off():
     code = ('import paddle, maxvit\n'
             'from common.device import setup\n'
+            'from common.fast_layers import use_fast_layers\n'
             'setup("cpu")\n'
-            'logits = maxvit.MaxViT(maxvit.tiny_args)(paddle.zeros([1, 3, 64, 64]))\n'
-            'print(maxvit.CPU_KERNELS is None, list(logits.shape))')
+            'model = use_fast_layers(maxvit.MaxViT(maxvit.tiny_args))\n'
+            'logits = model(paddle.zeros([1, 3, 64, 64]))\n'
+            'print(model.conv_stem[0]._kernels is None, list(logits.shape))')
     out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, 'MAXVIT_CPU_KERNELS': '0'})
     assert out.returncode == 0, out.stderr[-2000:]

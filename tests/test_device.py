@@ -9,7 +9,8 @@ import pytest
 
 import common.device
 from common.config import ConfigError
-from common.device import cpu_vendor, setup, tune_cpu_eager, use_cpu_cores
+from common.cpu_info import cpu_vendor
+from common.device import setup, tune_cpu_eager, use_cpu_cores
 
 
 def test_cpu_threads_are_this_process_share_of_the_cores(monkeypatch):

@@ -76,6 +76,24 @@ def test_same_parameters_and_checkpoints_and_eval_is_untouched():
     assert checkpointed._recomputes(checkpointed.max_blocks[0][0], x)
 
 
+def test_set_grad_checkpointing_switches_it_on_a_built_model():
+    """timm's switch: the same as building with recompute=True, and off again."""
+    plain, checkpointed = twins()
+    x = paddle.randn([4, 3, 32, 32])
+    plain.set_grad_checkpointing()
+    assert plain.args['recompute'] is True
+    _, grads_a, _, kept_a = step(plain, x)
+    _, grads_b, _, kept_b = step(checkpointed, x)
+    assert len(kept_a) == len(kept_b)
+    for name in grads_a:
+        np.testing.assert_array_equal(grads_a[name], grads_b[name], err_msg=name)
+    x.stop_gradient = False
+    plain.train()
+    assert plain._recomputes(plain.max_blocks[0][0], x)
+    plain.set_grad_checkpointing(False)
+    assert not plain._recomputes(plain.max_blocks[0][0], x)
+
+
 def test_frozen_stages_are_not_recomputed_and_the_rest_matches():
     plain, checkpointed = twins()
     x = paddle.randn([4, 3, 32, 32])
@@ -92,7 +110,7 @@ def test_frozen_stages_are_not_recomputed_and_the_rest_matches():
 
 
 def test_recompute_must_be_a_bool():
-    with pytest.raises(ValueError, match='recompute must be True or False'):
+    with pytest.raises(ValueError, match="recompute is 'yes'; it must be true or false"):
         maxvit.check_args(dict(tiny_args, recompute='yes'))
     with pytest.raises(ConfigError, match=r'Model.recompute is 1; it must be true or false'):
         load_config(None, ['Model.recompute=1'])
