@@ -1,8 +1,8 @@
 // CPU kernels for eager MaxViT training and inference where Paddle's own CPU kernels are the slow part of a step
-// (docs/performance.md has the profiles): the depthwise convolution, GELU, LayerNorm, the attention's scale +
+// (docs/performance.md lists what each replaces): the depthwise convolution, GELU, LayerNorm, the attention's scale +
 // relative-position bias + softmax, and (static training graphs) the linear layers. float32, dense tensors.
-// common/cpu_kernels.py builds this file with paddle.utils.cpp_extension; where it cannot, the model runs on
-// Paddle's ops. Each op has a backward, so Paddle's autograd runs through it; tests/test_cpu_kernels.py checks
+// common/cpu_kernels.py builds this file with paddle.utils.cpp_extension and common/fast_layers.py calls it; where
+// it cannot be built, the model runs on Paddle's ops. Each op has a backward, so Paddle's autograd runs through it; tests/test_cpu_kernels.py checks
 // values and gradients against Paddle's ops.
 #include <omp.h>
 
@@ -438,7 +438,7 @@ std::vector<std::vector<int64_t>> BiasSoftmaxShape(const std::vector<int64_t>& x
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Linear for static training graphs (eager training has maxvit._LinearFn): out = x @ weight + bias, x (rows, in).
+// Linear for static training graphs (eager training has fast_layers._LinearFn): out = x @ weight + bias, x (rows, in).
 // Paddle's own backward for the bias runs a column sum 8x slower than a GEMM of the same size; this one sums the
 // columns per thread and then across threads, and takes the two matrix gradients from Paddle's matmul.
 // ---------------------------------------------------------------------------------------------------------------
