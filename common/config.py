@@ -262,7 +262,7 @@ def validate(cfg, sources: Optional[Dict[tuple, str]] = None, origin: Optional[s
 
     def fail(section, key, value, must):
         source = sources.get((section, key))
-        note = '' if source or key is None else ' (the default)'
+        note = '' if key is None or key in (cfg.get(section) or {}) else ' (the default)'
         name = section if key is None else f'{section}.{key}'
         raise ConfigError(f'{_prefix(source or origin)}{name} is {_show(value)}{note}; it must be {must}')
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, load_config
+from common.config import ConfigError, load_config, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / 'configs').glob('*.yaml'))
@@ -143,6 +143,15 @@ def test_a_default_that_no_longer_fits_is_reported_against_the_file():
     assert str(info.value) == (f'{QUICKSTART}: Data.mean is [0.485, 0.456, 0.406] (the default); it must be a list '
                                f'of Model.input_dim = 1 numbers (one per image channel)')
 
+
+
+def test_a_value_given_without_a_source_is_not_called_the_default():
+    """validate() without sources, as tools/predict.py checks an export's preprocessing."""
+    with pytest.raises(ConfigError, match=r"^Data.crop_mode is 'zoom'; it must be one of 'center', 'squash'"):
+        validate({'Data': {'crop_mode': 'zoom'}})
+    with pytest.raises(ConfigError, match=r"^Data.mean is \[0.485, 0.456, 0.406\] \(the default\); it must be a list "
+                                          r"of Model.input_dim = 1 numbers"):
+        validate({'Model': {'input_dim': 1}})
 
 def test_numbers_are_coerced_and_good_edge_values_load(tmp_path):
     path = tmp_path / 'ok.yaml'
