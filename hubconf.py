@@ -19,7 +19,7 @@ import maxvit as _maxvit
 from common import checkpoint as _checkpoint
 from common.config import load_config as _load_config
 
-dependencies = ['paddle', 'numpy', 'yaml']
+dependencies = ['paddle', 'numpy', 'yaml', 'pydantic']
 
 _CONFIGS = _Path(__file__).resolve().parent / 'configs'
 _TIMM_SIZES = {'t': 'tiny', 's': 'small', 'b': 'base', 'l': 'large', 'xl': 'xlarge'}
