@@ -496,9 +496,9 @@ class Window_Block(nn.Layer):
     Only attention needs the windows, but everything else (LayerNorm, MLP, residuals) is per token, so the map is
     partitioned once on the way in and put back once on the way out: the same values as normalising the map and
     partitioning it for attention alone, with no layout change between the norms and the linear layers, which
-    inference engines then fuse. If H or W does not divide by the partition size, the map is
-    zero-padded at the bottom/right, padded keys are masked out of attention, and padded tokens are cropped at the
-    end (they never reach a real token).
+    inference engines then fuse. If H or W does not divide by the partition size, the map is zero-padded at the
+    bottom/right, padded keys are masked out of attention, and padded tokens are cropped at the end (they never
+    reach a real token).
     """
     partition = staticmethod(window_partition)
     reverse = staticmethod(window_reverse)
