@@ -181,6 +181,41 @@ def test_two_process_cpu_run(two_process_run):
     assert 'epoch 1/1' not in logs.get('workerlog.1', '')  # only rank 0 logs
 
 
+def test_evaluation_and_epoch_checkpoints_every_n_epochs_and_after_the_last(train_args, tmp_path):
+    train.main(train_args('Global.epochs=3', 'Global.eval_freq=2', 'Global.save_epoch_freq=2',
+                          'Global.max_steps_per_epoch=1'))
+    log = (tmp_path / 'out' / 'train.log').read_text()
+    assert [e for e in (1, 2, 3) if f'epoch {e} eval (raw)' in log] == [2, 3]
+    assert sorted(p.name for p in (tmp_path / 'out').glob('epoch_*.pdparams')) == ['epoch_2.pdparams',
+                                                                                    'epoch_3.pdparams']
+    _, _, states = load_checkpoint(str(tmp_path / 'out' / 'epoch_2'))
+    assert states['best']['epoch'] == 2 and set(states['metrics']) == {'raw', 'ema'}
+
+
+class _Net:
+    """Stands in for paddle.DataParallel: no_sync() returns a marker."""
+    def no_sync(self):
+        return 'no_sync'
+
+    def parameters(self):
+        return []
+
+
+@pytest.mark.parametrize('world_size, recompute, no_sync_on', [
+    (1, False, []), (1, True, []),                    # one process: nothing to all-reduce
+    (2, False, [0, 1, 2]),                            # hooks in the backward pass of the last micro-batch only
+    (2, True, [0, 1, 2, 3]),                          # recompute: never the hooks, all-reduced after the last one
+])
+def test_gradients_are_all_reduced_once_per_optimizer_step(world_size, recompute, no_sync_on, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, 'fused_allreduce_gradients', lambda params, group: calls.append(params))
+    allreduce = train.GradientAllReduce(_Net(), world_size, recompute)
+    contexts = [allreduce.around_backward(last_micro=micro == 3) for micro in range(4)]  # 4 micro-batches per step
+    assert [m for m, c in enumerate(contexts) if c == 'no_sync'] == no_sync_on
+    allreduce.after_accumulation()
+    assert len(calls) == (world_size > 1 and recompute)
+
+
 def test_missing_dataset_names_the_path_and_the_docs(train_args, tmp_path):
     where = r'docs/training.md, section "Preparing data"'
     with pytest.raises(DataError, match=rf'dataset folder not found: .*nowhere.*{where}'):
