@@ -238,8 +238,8 @@ def train_epoch(run: RunState, learner: Learner, loader, skipped: SkipReport, cf
             loss = soft_cross_entropy(logits, targets) * weight / accum
             learner.scaler.scale(loss).backward()
         step_loss += loss.detach()
-        seen += int(weight) * labels.shape[0]
-        epoch_images += int(weight) * labels.shape[0]
+        images_used = int(weight) * labels.shape[0]
+        seen, epoch_images = seen + images_used, epoch_images + images_used
         if not last_micro:
             continue
 
@@ -258,10 +258,11 @@ def train_epoch(run: RunState, learner: Learner, loader, skipped: SkipReport, cf
         timer.step()
         log.progress(run.epoch_step, steps, f'loss {loss_value:.4f}')
         if run.step % G['print_freq'] == 0 or run.epoch_step == steps:
-            ips, lr = seen * env.world_size / (time.perf_counter() - t_log), learner.optimizer.get_lr()
-            log.info(f'epoch {epoch + 1}/{G["epochs"]} step {run.epoch_step}/{steps} loss {loss_sum / loss_n:.4f} '
+            mean_loss, lr = loss_sum / loss_n, learner.optimizer.get_lr()
+            ips = seen * env.world_size / (time.perf_counter() - t_log)  # images/s of all processes
+            log.info(f'epoch {epoch + 1}/{G["epochs"]} step {run.epoch_step}/{steps} loss {mean_loss:.4f} '
                      f'lr {lr:.3e} {ips:.1f} img/s eta {timer.eta()} mem {peak_memory_gb(env.device):.2f}G')
-            for name, value in (('loss', loss_sum / loss_n), ('lr', lr), ('images_per_sec', ips)):
+            for name, value in (('loss', mean_loss), ('lr', lr), ('images_per_sec', ips)):
                 log.scalar(f'train/{name}', value, run.step)
             loss_sum, loss_n, seen, t_log = 0.0, 0, 0, time.perf_counter()
         if G['save_interval_steps'] and run.step % G['save_interval_steps'] == 0 and run.epoch_step < steps:
