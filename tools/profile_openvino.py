@@ -5,15 +5,14 @@ summed by layer type and kernel, with the FLOPs of the matrix products and the r
     python tools/profile_openvino.py -c configs/maxvit_t_tf_224.yaml --batch 8 --gflops 210   # % of a GEMM rate
 
 The model is the config's (Global.pretrained_model, or tools.benchmark.trained_like_weights), exported as
-tools/export.py does and compiled as tools/predict.py runs it on the CPU (tools.export.openvino_compiler's settings:
-fp32, latency mode, this process's cores as threads, OpenVINO's attention kernels on; one request per batch, where
-the runner splits an even batch into two halves run at once). OpenVINO reports each fused kernel once: a
-fully-connected or convolution row includes what OpenVINO fused into it (bias, GELU, BatchNorm), and "Subgraph" rows
-are kernels that OpenVINO generates for chains of elementwise ops (attention: those with a softmax). The times are
-the counters': their sum is close to the wall time of an inference while the two cores are close, but not the time
-a far core placement adds (71 against 94 ms at batch 1 on 2 cores, the same counter sums: docs/performance.md,
-seventh round); rows are the mean over --rounds inferences after --warmup. docs/performance.md (fourth round)
-reads this table.
+tools/export.py does and compiled with tools.export.openvino_compiler's settings, as tools/predict.py runs it on the
+CPU: fp32, latency mode, this process's cores as threads, OpenVINO's attention kernels on. Each batch runs as one
+request (tools.export.openvino_runner would split an even batch into two halves run at once). OpenVINO reports each
+fused kernel once: a fully-connected or convolution row includes what OpenVINO fused into it (bias, GELU,
+BatchNorm), and "Subgraph" rows are kernels that OpenVINO generates for chains of elementwise ops (attention: those
+with a softmax). The times are the counters', the mean over --rounds inferences after --warmup. Their sum is close
+to an inference's wall time but leaves out the time threads spend waiting for each other between kernels. --gflops
+takes a GEMM rate measured on this machine (GFLOP/s) and adds each row's share of it.
 """
 import argparse
 import math
@@ -31,7 +30,8 @@ import paddle  # noqa: E402
 import tools.export as ex  # noqa: E402
 from common.checkpoint import CheckpointError  # noqa: E402
 from common.config import ConfigError, add_config_args, build_model, load_config  # noqa: E402
-from common.device import cpu_cores, setup  # noqa: E402
+from common.cpu_info import cpu_cores  # noqa: E402
+from common.device import setup  # noqa: E402
 from tools.benchmark import cpu_info, cpu_lines, trained_like_weights  # noqa: E402
 
 MATRIX_LAYERS = ('FullyConnected', 'Convolution', 'GroupConvolution', 'MatMul')
@@ -96,8 +96,8 @@ def main(argv=None):
     parser.add_argument('--size', type=int, nargs=2, metavar=('H', 'W'), help='default: Data.img_size')
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--rounds', type=int, default=5)
-    parser.add_argument('--gflops', type=float, help="this machine's GEMM rate (tools/benchmark.py --gflops auto "
-                                                     "prints it): adds each row's %% of it")
+    parser.add_argument('--gflops', type=float, help="a GEMM rate of this machine in GFLOP/s (such as a 2048^3 "
+                                                     "float32 matmul's): adds each row's %% of it")
     args = parser.parse_args(argv)
     ex.import_optional('openvino', 'the OpenVINO profile')  # before the export, which takes seconds
     setup('cpu')
