@@ -15,12 +15,12 @@ whether the output is logits or probabilities.
 Global.pretrained_model is a weights file (.pdparams, .safetensors, .npz) or a training checkpoint prefix
 (output/run/best); from a checkpoint, --weights picks the EMA or the raw weights (default: Global.eval_weights).
 
-On the CPU, the fastest way we measured to run an exported model is OpenVINO on PREFIX.onnx (docs/performance.md
-compares it with Paddle Inference, onnxruntime and timm's torch.compile). So when paddle2onnx is installed
-(pip install -r requirements-deploy.txt), this tool also writes PREFIX.onnx (--no-onnx: don't; --onnx: fail
-without paddle2onnx), and checks it against the Paddle model in every ONNX runtime installed (onnxruntime,
-OpenVINO), within 1e-5; a file that fails the check is deleted. tools/predict.py --model PREFIX then runs
-PREFIX.onnx through OpenVINO when OpenVINO is installed, else PREFIX.json through Paddle Inference + oneDNN.
+On the CPUs of docs/performance.md, OpenVINO on PREFIX.onnx runs an exported model fastest (that page compares it
+with Paddle Inference, onnxruntime and timm's torch.compile). So when paddle2onnx is installed (pip install -r
+requirements-deploy.txt), this tool also writes PREFIX.onnx (--no-onnx: don't; --onnx: fail without paddle2onnx),
+and checks it against the Paddle model in every ONNX runtime installed (onnxruntime, OpenVINO), within 1e-5; a
+file that fails the check is deleted. tools/predict.py --model PREFIX then runs PREFIX.onnx through OpenVINO when
+OpenVINO is installed, else PREFIX.json through Paddle Inference + oneDNN.
 
 From Python: create_runner(prefix, engine) -> (run, description), run(batch) -> outputs, for the engines 'auto',
 'openvino', 'onnxruntime' and 'paddle'; create_predictor / run_predictor for Paddle Inference itself.
@@ -104,9 +104,9 @@ def import_optional(module: str, purpose: str):
 class TanhGELU(paddle.nn.Layer):
     """GELU's tanh approximation written out: x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))), the formula
     nn.GELU(approximate=True) computes. paddle2onnx 2.1 converts that gelu as the exact (erf) GELU, about 1e-3 off
-    on MaxViT-T's logits; these elementwise ops convert one to one. The cube is a Pow, as in the patterns onnxruntime
-    (FastGelu: MaxViT-T 1.06x faster at batch 1, 1.34x at batch 8) and OpenVINO (Gelu, fused into the matmul
-    before it: 1.00-1.01x) look for; written as x * x * x, neither recognised it."""
+    on MaxViT-T's logits; these elementwise ops convert one to one. The cube is a Pow, as in the patterns that
+    onnxruntime (FastGelu) and OpenVINO (Gelu, fused into the matmul before it) fuse; written as x * x * x, neither
+    recognises it."""
 
     def forward(self, x):
         return 0.5 * x * (1.0 + paddle.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * paddle.pow(x, 3.0))))
@@ -236,7 +236,7 @@ ENGINES = ('auto', 'openvino', 'onnxruntime', 'paddle')
 OPENVINO_CPU = {'INFERENCE_PRECISION_HINT': 'f32', 'PERFORMANCE_HINT': 'LATENCY'}
 # OpenVINO 2026.4 fuses each attention into a generated kernel ("snippets") when the shapes are static. For MaxViT-T
 # (7x7 windows) that kernel is exact (3e-7) and 15-20% faster than without it; for MaxViT with 2x2 windows (the
-# quickstart) it was 2e-5 (trained) to 4e-3 (random weights) off the logits, relative to the largest. So check_onnx
+# quickstart) it is 2e-5 (trained) to 4e-3 (random weights) off the logits, relative to the largest. So check_onnx
 # tries OpenVINO as is first, then with these settings, and PREFIX.yaml records the settings that passed
 # (openvino_config), which create_runner uses.
 OPENVINO_WITHOUT_SNIPPETS = {'SNIPPETS_MODE': 'DISABLE'}
@@ -283,15 +283,14 @@ def openvino_runner(model_files: Union[str, Tuple[str, ...]], threads: Optional[
                     config: Optional[Dict] = None) -> Tuple[Callable[[np.ndarray], np.ndarray], str]:
     """(run, 'OpenVINO VERSION') for the model in ``model_files``, compiled as openvino_compiler does.
     run(batch) returns the first output. The model is compiled for each input shape the first time it sees it
-    (about 1 s for MaxViT-T): static shapes ran 10-25% faster than one compile with a dynamic batch size
+    (about 1 s for MaxViT-T): static shapes run 10-25% faster than one compile with a dynamic batch size
     (MaxViT-T, batch 1 and 8).
 
     A batch of an even number of images, with two threads or more, runs as its two halves at once, each half on
-    half of the threads (two OpenVINO streams): the same values (no image's arithmetic changes), and on 2 cores
-    MaxViT-T at batch 8 ran 1.02-1.08x faster than as one request on both threads, up to 1.18x while the machine
-    was in a slow spell (docs/performance.md, sixth round): a kernel split over two threads reads data the other
-    core wrote and waits for it, which costs more the farther apart the cores are (seventh round); a half on one
-    thread does neither."""
+    half of the threads (two OpenVINO streams): the same values (no image's arithmetic changes). A kernel split
+    over two threads reads data the other core wrote and waits for it, which costs more the farther apart the cores
+    are; a half on one thread does neither: on 2 cores MaxViT-T at batch 8 runs 1.02-1.18x faster
+    (docs/performance.md)."""
     threads = threads or cpu_cores()
     compile_for, version = openvino_compiler(model_files, threads, config)
     requests = {}  # input shape -> the infer requests of the model compiled for it, one per part of the batch
@@ -320,8 +319,8 @@ def onnxruntime_runner(onnx_file: str, threads: Optional[int] = None
     once, each in its own thread through a second session with half of the threads (made for the first such
     batch; onnxruntime runs one session from several threads at once, and the two calls share that session's
     threads beyond their own): the same values. On 2 cores, where each half runs on its calling thread alone,
-    MaxViT-T at batch 8 ran 1.02x faster than as one run with the cores close (110 ns), 1.28-1.30x with them far
-    apart (docs/performance.md, eighth round); more cores were not measured."""
+    MaxViT-T at batch 8 runs 1.02-1.30x faster than as one run, the more the farther apart the cores are
+    (docs/performance.md); machines with more cores have not been measured."""
     ort = import_optional('onnxruntime', 'the onnxruntime engine')
     threads = threads or cpu_cores()
 
@@ -356,7 +355,7 @@ def create_runner(prefix: str, engine: str = 'auto', threads: Optional[int] = No
 
     engine 'openvino' and 'onnxruntime' run PREFIX.onnx, 'paddle' runs PREFIX.json through Paddle Inference (with
     oneDNN unless mkldnn=False). 'auto' is OpenVINO when PREFIX.onnx is there and OpenVINO is installed (the
-    fastest on the CPUs we measured), else Paddle Inference. precision 'bf16' (OpenVINO only, on CPUs with
+    fastest on the CPUs of docs/performance.md), else Paddle Inference. precision 'bf16' (OpenVINO only, on CPUs with
     bfloat16 arithmetic) computes in bfloat16: 1.7x faster for MaxViT-T on an AVX512-BF16 CPU, logits about 1e-2
     off (docs/performance.md); everything else computes in float32."""
     prefix, onnx_file = str(prefix), str(prefix) + '.onnx'
