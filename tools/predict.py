@@ -44,6 +44,7 @@ from common.config import ConfigError, add_config_args, build_model, load_config
 from common.data import IMG_EXTENSIONS, DataError, read_rgb  # noqa: E402
 from common.transforms import build_transform  # noqa: E402
 from common.device import setup  # noqa: E402
+from common.fast_layers import use_fast_layers  # noqa: E402
 from tools.export import ENGINES, ExportError, checkpoint_class_names, create_runner, load_meta  # noqa: E402
 
 
@@ -138,6 +139,7 @@ def _build_runner(args):
     model = build_model(cfg)
     weights = args.weights or g['eval_weights']
     _, _, what = load_pretrained(model, g['pretrained_model'], ema=weights == 'ema')
+    model = use_fast_layers(model)  # on the CPU, MaxViT's kernels (common/cpu_kernels.cc)
     model.eval()
 
     @paddle.no_grad()
