@@ -78,7 +78,8 @@ def test_fpn_on_backbone_shapes_and_strides(layout):
     for f, o, info in zip(feats, outs, backbone.feature_info):
         size = [math.ceil(H / info['reduction']), math.ceil(W / info['reduction'])]
         assert f.shape == [2, info['num_chs']] + size and o.shape == [2, 32] + size
-    # the backbone's maps are the classifier's forward_features (same weights, stages and stem)
+    # the backbone's maps are the classifier's forward_features (same weights, stages and stem: the same ops on the
+    # same input, so bit for bit)
     classifier = MaxViT(args)
     classifier.set_state_dict({**classifier.state_dict(), **backbone.state_dict()})
     classifier.eval()

@@ -84,7 +84,7 @@ def test_load_with_weights(weights):
     reference = MaxViT(model.args)
     reference.set_state_dict(paddle.load(str(path)))
     reference.eval()
-    np.testing.assert_array_equal(model(x).numpy(), reference(x).numpy())
+    np.testing.assert_array_equal(model(x).numpy(), reference(x).numpy())  # the same ops on the same input: exact
 
     # another number of classes: a fresh classifier, everything else from the file
     five = numpy_state(load('maxvit_t_tf_224', weights=path, **dict(SMALL, num_classes=5)))
