@@ -372,7 +372,7 @@ def report(rows, cpu=None, skipped=()) -> str:
         r['vs_timm_eager'] = speedup(r, eager) if eager else None
         r['fastest_peer'] = best['label'] if best else None
         r['vs_fastest_peer'] = speedup(r, best) if best else None
-        r['vs_first'] = speedup(r, rows[0])
+        r['vs_first'] = speedup(r, next(f for f in rows if (f['batch'], kind(f)) == (r['batch'], kind(r))))
         r['cpu_model'], r['cpu_flags'] = cpu['cpu_model'], cpu['cpu_flags']
         diff = (f'{r["max_abs_diff"]:.1e}' + ('' if r['parity_ok'] else '!')) if r.get('max_abs_diff') is not None \
             else ('inf!' if r.get('parity_ref') else '-')
@@ -382,10 +382,11 @@ def report(rows, cpu=None, skipped=()) -> str:
                      f'{diff:>11}{rel:>10}{r["peak_gb"]:>8.2f}')
     rounds = max((len(r['iterations_s']) for r in rows), default=0)
     lines.append('')
-    lines.append(f's/iter: the median of {rounds} rounds, each timing every row once, one row at a time; max s: the '
-                 f'slowest round. x timm / x peer / x first: timm eager\'s / the fastest timm engine\'s / the first '
-                 f'row\'s time over the row\'s (> 1: the row is faster), the median over the rounds of the ratio '
-                 f'within each round.')
+    lines.append(f's/iter: the median of {rounds} round(s), each timing every row once, one row at a time; max s: '
+                 f'the slowest round. x timm / x peer / x first: timm eager\'s / the fastest timm engine\'s / the '
+                 f'first row\'s time over the row\'s, of the same batch and kind (inference or training; > 1: the '
+                 f'row is faster), the median over the rounds of the ratio within each round.')
+    lines.append('runtimes: ' + '; '.join(dict.fromkeys(r['runtime'] for r in rows if r.get('runtime'))))
     if any(r.get('parity_ref') for r in rows):
         lines.append(f'max|diff|: the largest logit difference from the row\'s reference (Paddle rows: the model as '
                      f'built, in eager Paddle; timm rows: timm eager) on one standard-normal batch; rel diff: over '
