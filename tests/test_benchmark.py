@@ -2,6 +2,8 @@
 CPU header, and --json."""
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import paddle
@@ -9,7 +11,8 @@ import pytest
 
 from conftest import ROOT, TINY
 from maxvit import MaxViT
-from tools.benchmark import ISA_FLAGS, _paddle_worker, cpu_info, cpu_lines, main, parity, report, speedup
+from common.cpu_info import ISA_FLAGS, cpu_header, cpu_summary
+from tools.benchmark import _paddle_worker, main, parity, report, speedup
 
 CONFIG = str(ROOT / 'configs' / 'quickstart.yaml')
 MODEL = [o for o in TINY if o.startswith('Model.')]
@@ -40,8 +43,8 @@ def test_engines_run_side_by_side(tmp_path, capsys):
     from common import cpu_kernels
     assert eager['cpu_kernels'] is train['cpu_kernels'] is cpu_kernels.load()
     lines = capsys.readouterr().out.splitlines()
-    cpu = cpu_info()
-    assert lines[:2] == cpu_lines(cpu) and lines[0].startswith(f"CPU: {cpu['cpu_model']}, ")
+    cpu = cpu_summary()
+    assert lines[:2] == cpu_header(cpu) and lines[0].startswith(f"CPU: {cpu['cpu_model']}, ")
     state = 'on' if cpu_kernels.load() else 'off (not built, or MAXVIT_CPU_KERNELS=0)'
     assert lines[2] == f'MaxViT CPU kernels (eager and training rows): {state}'
     header = next(line for line in lines if line.startswith('engine'))
@@ -109,15 +112,24 @@ def test_eager_parity_fails_when_the_fast_layers_change_the_output(monkeypatch):
 
 
 def test_cpu_header_names_the_model_and_isa_flags():
-    cpu = cpu_info()
+    cpu = cpu_summary()
     assert cpu['cpu_model'] and cpu['cpu_cores'] >= 1 and set(cpu['cpu_flags']) <= set(ISA_FLAGS)
     assert not set(cpu['cpu_flags']) & set(cpu['cpu_flags_absent'])
     flags = open('/proc/cpuinfo').read() if cpu['cpu_flags'] or cpu['cpu_flags_absent'] else ''
     assert all(f' {f}' in flags for f in cpu['cpu_flags'])
-    lines = cpu_lines(dict(cpu, cpu_model='X', cpu_cores=2, cpu_flags=['avx2', 'avx512f'],
-                           cpu_flags_absent=['amx_tile']))
+    lines = cpu_header(dict(cpu, cpu_model='X', cpu_cores=2, cpu_flags=['avx2', 'avx512f'],
+                            cpu_flags_absent=['amx_tile']))
     assert lines == ['CPU: X, 2 cores for this process', 'ISA: avx2 avx512f (absent: amx_tile)']
-    assert cpu_lines(dict(cpu, cpu_flags=[], cpu_flags_absent=[]))[1] == 'ISA: - (absent: unknown (no /proc/cpuinfo))'
+    assert cpu_header(dict(cpu, cpu_flags=[], cpu_flags_absent=[]))[1] == 'ISA: - (absent: unknown (no /proc/cpuinfo))'
+    assert cpu_header() == cpu_header(cpu)
+
+
+def test_imports_without_paddle():
+    """timm's workers import the benchmark (and through it common.cpu_info) in a Python that has no Paddle."""
+    code = 'import sys; sys.modules["paddle"] = None; import tools.benchmark as b; print(b.cpu_header()[0])'
+    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr  # an import of paddle raises ImportError here
+    assert out.stdout.splitlines() == [cpu_header()[0]]
 
 
 def _row(label, engine, batch, seconds, **extra):

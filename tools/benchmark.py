@@ -26,19 +26,17 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.cpu_info import cpu_cores, cpu_field  # noqa: E402  (no Paddle: the timm workers import this file too)
+from common.cpu_info import cpu_cores, cpu_header, cpu_summary  # noqa: E402  (no Paddle: timm's workers too)
 
 ENGINES = ['eager', 'static', 'inference', 'inference-mkldnn', 'onnxruntime', 'openvino', 'openvino-bf16',
            'train', 'train-static', 'train-bf16']
@@ -50,8 +48,6 @@ PARITY_TOLERANCE = 1e-4  # a row whose logits differ from its reference by more 
 # OpenMP threads spin for 200 ms after their last parallel region (KMP_BLOCKTIME's default) before they sleep: the
 # next engine waits that out rather than share the cores with them.
 SETTLE_S = 0.3
-# ISA extensions that decide which kernels a CPU math library can use, as /proc/cpuinfo names them
-ISA_FLAGS = ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_tile', 'amx_bf16')
 
 
 class SkipEngine(Exception):
@@ -308,23 +304,6 @@ class Worker:
             self.proc.wait()
 
 
-def cpu_info() -> dict:
-    """The CPU model and the ISA flags that matter for these kernels, from /proc/cpuinfo (Linux)."""
-    flags = set(cpu_field('flags').split())
-    model = cpu_field('model name') or platform.processor() or 'unknown CPU'
-    family = cpu_field('cpu family')
-    if family:
-        model += f" (family {family} model {cpu_field('model') or '?'})"
-    return {'cpu_model': model, 'cpu_cores': cpu_cores(), 'cpu_flags': [f for f in ISA_FLAGS if f in flags],
-            'cpu_flags_absent': [f for f in ISA_FLAGS if f not in flags] if flags else []}
-
-
-def cpu_lines(cpu: dict) -> List[str]:
-    absent = ', '.join(cpu['cpu_flags_absent']) or ('-' if cpu['cpu_flags'] else 'unknown (no /proc/cpuinfo)')
-    return [f"CPU: {cpu['cpu_model']}, {cpu['cpu_cores']} cores for this process",
-            f"ISA: {' '.join(cpu['cpu_flags']) or '-'} (absent: {absent})"]
-
-
 def summarize(w: Worker) -> dict:
     t = w.times
     median = statistics.median(t)
@@ -346,8 +325,8 @@ def speedup(row: dict, reference: dict) -> float:
 
 def report(rows, cpu=None, skipped=()) -> str:
     """The table, with the CPU lines above it; adds the ratios and the CPU to ``rows``."""
-    cpu = cpu or cpu_info()
-    lines = cpu_lines(cpu)
+    cpu = cpu or cpu_summary()
+    lines = cpu_header(cpu)
     kernels = {r['cpu_kernels'] for r in rows if r.get('cpu_kernels') is not None}
     if kernels:
         state = ('on' if kernels == {True} else 'off (not built, or MAXVIT_CPU_KERNELS=0)' if kernels == {False}
@@ -459,7 +438,7 @@ def main(argv=None):
         for w in workers:
             w.stop()
     rows = [summarize(w) for w in workers]
-    print(report(rows, cpu_info(), skipped))
+    print(report(rows, skipped=skipped))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows

@@ -30,9 +30,9 @@ import paddle  # noqa: E402
 import tools.export as ex  # noqa: E402
 from common.checkpoint import CheckpointError  # noqa: E402
 from common.config import ConfigError, add_config_args, build_model, load_config  # noqa: E402
-from common.cpu_info import cpu_cores  # noqa: E402
+from common.cpu_info import cpu_cores, cpu_header  # noqa: E402
 from common.device import setup  # noqa: E402
-from tools.benchmark import cpu_info, cpu_lines, trained_like_weights  # noqa: E402
+from tools.benchmark import trained_like_weights  # noqa: E402
 
 MATRIX_LAYERS = ('FullyConnected', 'Convolution', 'GroupConvolution', 'MatMul')
 
@@ -112,7 +112,7 @@ def main(argv=None):
     size = args.size or [cfg['Data']['img_size']] * 2
     input_shape = [cfg['Model']['input_dim'], *size]
     threads = cpu_cores()
-    print('\n'.join(cpu_lines(cpu_info())))
+    print('\n'.join(cpu_header()))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         onnx_file = ex.export_onnx(model, str(Path(tmp) / 'model'), input_shape)
