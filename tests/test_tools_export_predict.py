@@ -22,7 +22,7 @@ from PIL import Image
 import maxvit
 import tools.export as export
 import tools.predict as predict
-from tools.benchmark import trained_like_weights
+from tools.export import trained_like_weights
 from common.checkpoint import load_file, load_pretrained
 from common.config import ConfigError, build_model, load_config
 from common.data import DataError

@@ -3,9 +3,9 @@
 and training steps (fp32, through to_static, bf16), optionally beside timm's MaxViT in another Python.
 
     python tools/benchmark.py -c configs/maxvit_t_tf_224.yaml --batch 1 8 --engines inference-mkldnn onnxruntime \
-        openvino --timm-python /work/venv-torch/bin/python --timm-engines eager compile
+        openvino --timm-python /path/to/torch-venv/bin/python --timm-engines eager compile
     python tools/benchmark.py -c configs/maxvit_t_tf_224.yaml --batch 8 --engines train train-static \
-        --timm-python /work/venv-torch/bin/python
+        --timm-python /path/to/torch-venv/bin/python
 
 Every engine runs in a process of its own, set up one after another (built, exported or compiled, --warmup untimed
 iterations). A round then times one iteration of every engine, one at a time, each followed by SETTLE_S of quiet.
@@ -13,13 +13,14 @@ A row's time is the median of --rounds rounds; a ratio between two rows is the m
 ratio within the round, so a change of the machine's speed between rounds cancels out. The table starts with the
 CPU model and its ISA flags: compare ratios from one run, absolute times only on the same kind of machine.
 
-The model is the config's, with Global.pretrained_model's weights or else trained_like_weights. Eager and training
-rows call common.fast_layers.use_fast_layers, and the table says whether MaxViT's CPU kernels were in use. The
-other engines run the model as tools/export.py exports it, as tools/predict.py runs it (OpenVINO with its attention
-kernels; openvino-bf16 in bfloat16), and check their logits against the model's in eager Paddle on one
-standard-normal batch (max|diff|, rel diff: over the largest logit). timm runs in --timm-python (with torch and
-timm) on as many threads: eager, channels_last, torch.compile (compiled before any timing), checked against timm
-eager, and a training step beside a train engine. Engines that cannot run here are skipped, with the reason.
+The model is tools.export.model_to_measure's: the config's, with Global.pretrained_model's weights or else
+trained-like ones. Eager and training rows call common.fast_layers.use_fast_layers, and the table says whether
+MaxViT's CPU kernels were in use. The other engines run the model as tools/export.py exports it, as tools/predict.py
+runs it (OpenVINO with its attention kernels; openvino-bf16 in bfloat16). Every inference row checks its logits
+against the model as built, in eager Paddle, on one standard-normal batch (max|diff|, rel diff: over the largest
+logit). timm runs in --timm-python (with torch and timm) on as many threads: eager, channels_last, torch.compile
+(compiled before any timing), checked against timm eager, and a training step beside a train engine. Engines that
+cannot run here are skipped, with the reason.
 """
 import argparse
 import importlib.util
@@ -61,31 +62,6 @@ def parity_input(shape):
     return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 
 
-def trained_like_weights(model, seed: int = 0) -> dict:
-    """A state dict for ``model`` with the statistics of a trained one, for timing and parity checks where no
-    trained weights are at hand: fan-in scaled weights (activations O(1) all the way through), non-zero biases and
-    BatchNorm statistics, norm weights around 1. The initialisation's zero biases and unit norms would let OpenVINO
-    drop the LayerNorm and BatchNorm affines that a trained model keeps, and its logits are so small that the tanh
-    and the exact GELU would agree to 1e-6."""
-    import numpy as np
-    import paddle
-    rng = np.random.default_rng(seed)
-    state = {}
-    for k, v in model.state_dict().items():
-        shape = v.shape
-        if k.endswith('_variance'):
-            value = rng.uniform(0.5, 1.5, shape)
-        elif k.endswith('relative_bias_table'):
-            value = rng.normal(0, 0.5, shape)
-        elif len(shape) in (2, 4):                                   # Linear [in, out], Conv2D [out, in, k, k]
-            fan_in = shape[0] if len(shape) == 2 else int(np.prod(shape[1:]))
-            value = rng.normal(0, fan_in ** -0.5, shape)
-        else:                                                        # biases, norm weights (around 1), means
-            value = rng.normal(1.0 if k.endswith('weight') else 0.0, 0.1, shape)
-        state[k] = paddle.to_tensor(value.astype('float32'))
-    return state
-
-
 def parity(out, ref, reference: str) -> dict:
     """How far ``out`` is from ``ref``: the largest absolute difference, and that over the largest |ref|."""
     import numpy as np
@@ -101,20 +77,16 @@ def parity(out, ref, reference: str) -> dict:
 def _paddle_worker(spec):
     """(step, info) for one Paddle engine: step() times one iteration; info holds what the table says of it."""
     from common import cpu_kernels
-    from common.config import build_model, load_config
+    from common.config import load_config
     from common.device import setup
     from common.fast_layers import use_fast_layers
     env = setup('auto')  # MKL threads: this process's share of the cores
     import numpy as np
     import paddle
+    from tools.export import model_to_measure
     engine, cfg = spec['engine'], load_config(spec['config'], spec['overrides'])
     paddle.seed(0)
-    model = build_model(cfg)
-    if cfg['Global']['pretrained_model']:
-        from common.checkpoint import load_pretrained
-        load_pretrained(model, cfg['Global']['pretrained_model'], ema=cfg['Global']['eval_weights'] == 'ema')
-    else:
-        model.set_state_dict(trained_like_weights(model))
+    model = model_to_measure(cfg)
     shape = [spec['batch'], cfg['Model']['input_dim'], spec['size'], spec['size']]
     info = {'runtime': f'paddle {paddle.__version__}', 'device': env.device}
 

@@ -23,7 +23,9 @@ file that fails the check is deleted. tools/predict.py --model PREFIX then runs 
 OpenVINO is installed, else PREFIX.json through Paddle Inference + oneDNN.
 
 From Python: create_runner(prefix, engine) -> (run, description), run(batch) -> outputs, for the engines 'auto',
-'openvino', 'onnxruntime' and 'paddle'; create_predictor / run_predictor for Paddle Inference itself.
+'openvino', 'onnxruntime' and 'paddle'; create_predictor / run_predictor for Paddle Inference itself;
+model_to_measure(cfg) for the model that the benchmark and the OpenVINO profile time (trained_like_weights where the
+config names no weights).
 """
 from __future__ import annotations
 
@@ -452,6 +454,42 @@ def check_onnx(prefix: str, tolerance: float = 1e-5) -> Dict[str, float]:
           f'{"; OpenVINO without its attention kernels" if meta.get("openvino_config") else ""}; random batches '
           f'of 1 and 3)', flush=True)
     return diffs
+
+
+def trained_like_weights(model, seed: int = 0) -> dict:
+    """A state dict for ``model`` with the statistics of a trained one, for timings and export checks where no
+    trained weights are at hand: fan-in scaled weights (activations O(1) all the way through), non-zero biases and
+    BatchNorm statistics, norm weights around 1. The initialisation's zero biases and unit norms would let OpenVINO
+    drop the LayerNorm and BatchNorm affines that a trained model keeps, and its logits are so small that the tanh
+    and the exact GELU would agree to 1e-6."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for k, v in model.state_dict().items():
+        shape = v.shape
+        if k.endswith('_variance'):
+            value = rng.uniform(0.5, 1.5, shape)
+        elif k.endswith('relative_bias_table'):
+            value = rng.normal(0, 0.5, shape)
+        elif len(shape) in (2, 4):                                   # Linear [in, out], Conv2D [out, in, k, k]
+            fan_in = shape[0] if len(shape) == 2 else int(np.prod(shape[1:]))
+            value = rng.normal(0, fan_in ** -0.5, shape)
+        else:                                                        # biases, norm weights (around 1), means
+            value = rng.normal(1.0 if k.endswith('weight') else 0.0, 0.1, shape)
+        state[k] = paddle.to_tensor(value.astype('float32'))
+    return state
+
+
+def model_to_measure(cfg: Dict):
+    """The config's MaxViT with Global.pretrained_model's weights (a checkpoint's EMA or raw ones as
+    Global.eval_weights says), or with trained_like_weights when it names none: the model that tools/benchmark.py
+    and tools/profile_openvino.py time."""
+    model = build_model(cfg)
+    g = cfg['Global']
+    if g['pretrained_model']:
+        load_pretrained(model, g['pretrained_model'], ema=g['eval_weights'] == 'ema')
+    else:
+        model.set_state_dict(trained_like_weights(model))
+    return model
 
 
 def main(argv=None) -> Dict:

@@ -4,7 +4,7 @@ summed by layer type and kernel, with the FLOPs of the matrix products and the r
     python tools/profile_openvino.py -c configs/maxvit_t_tf_224.yaml --batch 1 8
     python tools/profile_openvino.py -c configs/maxvit_t_tf_224.yaml --batch 8 --gflops 210   # % of a GEMM rate
 
-The model is the config's (Global.pretrained_model, or tools.benchmark.trained_like_weights), exported as
+The model is tools.export.model_to_measure's (Global.pretrained_model, or trained-like weights), exported as
 tools/export.py does and compiled with tools.export.openvino_compiler's settings, as tools/predict.py runs it on the
 CPU: fp32, latency mode, this process's cores as threads, OpenVINO's attention kernels on. Each batch runs as one
 request (tools.export.openvino_runner would split an even batch into two halves run at once). OpenVINO reports each
@@ -25,14 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402,F401  (first: it silences known third-party noise before Paddle loads)
 import numpy as np  # noqa: E402
-import paddle  # noqa: E402
 
 import tools.export as ex  # noqa: E402
 from common.checkpoint import CheckpointError  # noqa: E402
-from common.config import ConfigError, add_config_args, build_model, load_config  # noqa: E402
+from common.config import ConfigError, add_config_args, load_config  # noqa: E402
 from common.cpu_info import cpu_cores, cpu_header  # noqa: E402
 from common.device import setup  # noqa: E402
-from tools.benchmark import trained_like_weights  # noqa: E402
 
 MATRIX_LAYERS = ('FullyConnected', 'Convolution', 'GroupConvolution', 'MatMul')
 
@@ -102,13 +100,7 @@ def main(argv=None):
     ex.import_optional('openvino', 'the OpenVINO profile')  # before the export, which takes seconds
     setup('cpu')
     cfg = load_config(args.config, args.override)
-    paddle.seed(0)
-    model = build_model(cfg)
-    if cfg['Global']['pretrained_model']:
-        from common.checkpoint import load_pretrained
-        load_pretrained(model, cfg['Global']['pretrained_model'], ema=cfg['Global']['eval_weights'] == 'ema')
-    else:
-        model.set_state_dict(trained_like_weights(model))
+    model = ex.model_to_measure(cfg)
     size = args.size or [cfg['Data']['img_size']] * 2
     input_shape = [cfg['Model']['input_dim'], *size]
     threads = cpu_cores()
