@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -58,13 +60,11 @@ class SkipEngine(Exception):
 # ================================================================================================ workers
 def parity_input(shape):
     """The input every engine's logits are compared on: standard normal (like a normalised image), fixed seed."""
-    import numpy as np
     return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 
 
 def parity(out, ref, reference: str) -> dict:
     """How far ``out`` is from ``ref``: the largest absolute difference, and that over the largest |ref|."""
-    import numpy as np
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     diff = float(np.abs(out - ref).max()) if out.shape == ref.shape else float('inf')
     scale = float(np.abs(ref).max())
@@ -81,7 +81,6 @@ def _paddle_worker(spec):
     from common.device import setup
     from common.fast_layers import use_fast_layers
     env = setup('auto')  # MKL threads: this process's share of the cores
-    import numpy as np
     import paddle
     from tools.export import model_to_measure
     engine, cfg = spec['engine'], load_config(spec['config'], spec['overrides'])
@@ -111,8 +110,8 @@ def _paddle_worker(spec):
         else:
             run, info['runtime'] = _exported_runner(model, engine, os.path.join(tmp, 'model'), shape[1:])
             info['device'] = 'cpu'
-        # the first run also reads what is left to read (onnxruntime's half-batch session) and compiles OpenVINO
-        # for the batch's shape
+        # while the exported files still exist: the first run is when onnxruntime reads its half-batch session from
+        # them (and OpenVINO compiles for the batch's shape)
         info.update(parity(run(probe), ref, 'eager Paddle'))
     batch = np.random.default_rng(1).random(shape, dtype=np.float32)
     return (lambda: run(batch)), info
@@ -207,7 +206,7 @@ def _timm_worker(spec):
     return step, info
 
 
-def worker(spec):
+def serve(spec):
     """One engine: set it up and say 'READY {info}', or 'SKIP why' and exit; then time one iteration per 'run' line
     ('T seconds'), and on any other line say its peak resident memory ('S GB') and exit."""
     import resource
@@ -287,12 +286,9 @@ def summarize(w: Worker) -> dict:
 
 
 def speedup(row: dict, reference: dict) -> float:
-    """reference's time over row's: the median over the rounds of the ratio within each round when both rows ran
-    the same rounds, else the ratio of their medians."""
-    a, b = reference.get('iterations_s') or [], row.get('iterations_s') or []
-    if not a or len(a) != len(b):
-        return reference['median_s'] / row['median_s']
-    return statistics.median(x / y for x, y in zip(a, b))
+    """reference's time over row's: the median over the rounds of the ratio within each round (both rows ran in
+    the same rounds)."""
+    return statistics.median(a / b for a, b in zip(reference['iterations_s'], row['iterations_s'], strict=True))
 
 
 def report(rows, cpu=None, skipped=()) -> str:
@@ -386,7 +382,7 @@ def main(argv=None):
     parser.add_argument('--json', help="also write the rows here (with each round's time)")
     args = parser.parse_args(argv)
     if args.worker:
-        return worker(json.loads(args.worker))
+        return serve(json.loads(args.worker))
     if args.rounds < 1 or args.warmup < 0:
         parser.error('--rounds must be at least 1 and --warmup at least 0')
 
