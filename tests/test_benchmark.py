@@ -56,15 +56,16 @@ def test_engines_run_side_by_side(tmp_path, capsys):
 
 
 def test_missing_package_skips_the_engine(monkeypatch, capsys):
-    """An engine whose optional package is not installed is left out with the reason; nothing else changes."""
+    """An engine whose optional package is not installed is left out with the reason; nothing else changes. Without
+    --size, the images are Data.img_size square."""
     import importlib.util
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'openvino' else
                         find_spec(name, *a))
-    args = ['-c', CONFIG, '--batch', '1', '--size', '32', '--engines', 'eager', 'openvino', '--warmup', '0',
-            '--rounds', '1'] + [a for o in MODEL for a in ('-o', o)]
+    args = ['-c', CONFIG, '--batch', '1', '--engines', 'eager', 'openvino', '--warmup', '0', '--rounds', '1',
+            '-o', 'Data.img_size=32'] + [a for o in MODEL for a in ('-o', o)]
     rows = main(args)
-    assert [r['label'] for r in rows] == ['eager b1']
+    assert [r['label'] for r in rows] == ['eager b1'] and rows[0]['size'] == 32
     assert any(line.startswith('skipped openvino b1: openvino not installed in ')
                for line in capsys.readouterr().out.splitlines())
 

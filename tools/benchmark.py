@@ -372,7 +372,7 @@ def main(argv=None):
     parser.add_argument('-o', '--override', action='append', default=[], metavar='Section.key=value')
     parser.add_argument('--engines', nargs='+', default=DEFAULT_ENGINES, choices=ENGINES)
     parser.add_argument('--batch', type=int, nargs='+', default=[8])
-    parser.add_argument('--size', type=int, default=224, help='image side (default 224)')
+    parser.add_argument('--size', type=int, help='image side (default: Data.img_size)')
     parser.add_argument('--timm-python', help='a python with torch + timm: times timm beside ours')
     parser.add_argument('--timm-model', default='maxvit_tiny_tf_224')
     parser.add_argument('--timm-engines', nargs='+', default=TIMM_ENGINES, choices=TIMM_ENGINES,
@@ -387,8 +387,9 @@ def main(argv=None):
         parser.error('--rounds must be at least 1 and --warmup at least 0')
 
     from common.config import load_config
-    drop_path = load_config(args.config, args.override)['Model']['drop_path']  # a bad config fails here, once
-    specs, skipped = plan(args, drop_path)
+    cfg = load_config(args.config, args.override)  # a bad config fails here, once
+    args.size = args.size or cfg['Data']['img_size']
+    specs, skipped = plan(args, cfg['Model']['drop_path'])
     workers = []
     try:
         for spec in specs:
