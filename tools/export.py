@@ -49,7 +49,7 @@ import yaml  # noqa: E402
 
 from common.checkpoint import CheckpointError, checkpoint_prefix, load_file, load_pretrained  # noqa: E402
 from common.config import ConfigError, add_config_args, build_model, load_config  # noqa: E402
-from common.device import cpu_cores  # noqa: E402
+from common.cpu_info import cpu_cores  # noqa: E402
 
 PREPROCESS_KEYS = ('img_size', 'crop_pct', 'crop_mode', 'interpolation', 'mean', 'std')
 INPUT_NAME = 'image'
