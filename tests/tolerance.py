@@ -6,7 +6,7 @@ and the thread count, fuse multiply-adds or not, and evaluate exp and tanh by th
 rounding error of a sum is relative to the magnitude of its terms, not of its result: a sum of n terms t_i is off
 by up to (n - 1) * EPS/2 * sum|t_i|, and by about sqrt(n) * EPS/2 * sum|t_i| when the roundings are independent.
 So a tolerance here is a number of EPS times the magnitude of what was summed, the number justified where it is
-chosen, as tests/test_cpu_kernels.py compares each array within a multiple of EPS of its largest reference value.
+chosen (tests/test_cpu_kernels.py likewise compares each array relative to the largest value of its reference).
 Results that are exact by construction (the same kernels on the same shapes twice, a resumed run on one machine)
 are compared exactly, not here.
 """
@@ -32,9 +32,9 @@ def max_diff(a, b) -> float:
 
 
 def forward_tolerance(magnitude, forwards: int = 2) -> float:
-    """How far float32 MaxViT outputs of the given magnitude may move between ``forwards`` float32 forwards that
-    each carry their own rounding (2: two engines, batch shapes, thread counts or machines; 1: a float32 forward
-    against a float64 one, or against a float32 fixture whose own rounding is checked separately)."""
+    """How far MaxViT outputs of the given magnitude may be apart when ``forwards`` of the computations compared
+    are float32 forwards, each with its own rounding: 2 for two engines, batch shapes, thread counts or machines;
+    1 for a float32 forward against a float64 one (whose rounding is 2^29 times finer)."""
     return forwards * FORWARD_EPS * EPS * float(np.max(magnitude))
 
 
