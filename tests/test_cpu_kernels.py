@@ -22,7 +22,8 @@ from common import cpu_kernels
 from common.fast_layers import FastConv2D, use_fast_layers
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.load(), reason='the CPU kernels could not be built here')
+pytestmark = [pytest.mark.skipif(not cpu_kernels.load(), reason='the CPU kernels could not be built here'),
+              pytest.mark.numerics]
 OPS = cpu_kernels.KernelOps
 
 

@@ -2,12 +2,9 @@
 parameters, same state_dict, same results to float rounding), and the memory-saving backward passes keep what
 they promise. maxvit.py itself runs Paddle's own layers and needs nothing but Paddle.
 
-Tolerances: two float32 computations of a sum of n terms in different orders (Paddle's column sum against a GEMM,
-oneDNN against MKL, AVX2 against AVX-512) differ by about sqrt(n) * u * sum|terms| (u = 2**-24, rounding errors
-of random sign), at worst n * u * sum|terms|. summation_tolerance gives 4 * sqrt(n) * u * sum|terms|, with
-sum|terms| computed as the same product on absolute values: machine-independent, and a wrong term (a token
-missed or counted twice) still moves a result by far more."""
-import math
+Tolerances (tests/tolerance.py): the fast forms sum in other orders than Paddle's ops (a GEMM for a column sum,
+addmm for matmul + add), so each gradient is held to the summation bound of its own terms, with the magnitude
+computed as the same product on absolute values."""
 import subprocess
 import sys
 
@@ -21,20 +18,9 @@ import maxvit
 from common.fast_layers import (FastConv2D, FastDropPath, FastLinear, FastMlp, FastRelAttention, _LinearFn,
                                 use_fast_layers)
 from tests.conftest import ROOT
+from tolerance import assert_close, forward_tolerance, summation_tolerance
 
-U = 2.0 ** -24
-
-
-def summation_tolerance(n: int, magnitude: np.ndarray) -> np.ndarray:
-    """Elementwise bound on the difference of two float32 sums of n terms whose absolute values sum to magnitude."""
-    return 4 * math.sqrt(n) * U * magnitude
-
-
-def assert_close(got, want, n, magnitude, what=''):
-    err = np.abs(np.asarray(got, 'float64') - np.asarray(want, 'float64'))
-    tol = summation_tolerance(n, np.asarray(magnitude, 'float64'))
-    assert (err <= tol).all(), f'{what}: max error {err.max():.3g}, at most {tol[err > tol].min():.3g} allowed there'
-
+pytestmark = pytest.mark.numerics
 
 def small_model():
     return maxvit.create_model('tiny_tf', num_classes=10, stage_num_block=[1, 1, 1, 1], block_size=[2, 2],
@@ -97,7 +83,7 @@ def test_fast_model_gives_the_plain_models_logits_and_gradients():
         results.append((logits.numpy(), {n: p.grad.numpy() for n, p in model.named_parameters()
                                            if p.grad is not None}))
     (ref_logits, ref_grads), (logits, grads) = results
-    np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=1e-5 * np.abs(ref_logits).max())
+    assert_close(logits, ref_logits, forward_tolerance(np.abs(ref_logits)), 'logits')
     assert grads.keys() == ref_grads.keys() and len(grads) > 50
     scale = max(np.abs(g).max() for g in ref_grads.values())
     for key, ref in ref_grads.items():
@@ -173,7 +159,7 @@ def test_linear_training_backward_matches_plain_autograd(monkeypatch):
         for name in magnitude:
             assert (fast[name] is None) == (plain[name] is None), name
             if fast[name] is not None:
-                assert_close(fast[name], plain[name], terms[name], magnitude[name], name)
+                assert_close(fast[name], plain[name], summation_tolerance(terms[name], magnitude[name]), name)
         assert (fast['x'] is None) == (not x_needs) and (fast['weight'] is None) == (not weight_needs)
     assert len(calls) == 3
     layer(x[:1, :3]).sum().backward()               # 3 tokens x 256 outputs: below it, Paddle's own autograd
@@ -184,6 +170,7 @@ def test_summation_tolerance_catches_one_missing_term():
     """The bound is tight enough that a gradient missing one token's contribution fails it."""
     g = np.random.RandomState(0).randn(256, 16).astype('float32')
     full, missing = g.sum(0), g[1:].sum(0)
+    tolerance = summation_tolerance(256, np.abs(g).sum(0))
     with pytest.raises(AssertionError):
-        assert_close(missing, full, 256, np.abs(g).sum(0))
-    assert_close(g[::-1].sum(0), full, 256, np.abs(g).sum(0))  # another order passes
+        assert_close(missing, full, tolerance)
+    assert_close(g[::-1].sum(0), full, tolerance)  # another order passes

@@ -90,6 +90,7 @@ def test_attention_runs_once_per_block(cls):
     assert len(calls) == 1
 
 
+@pytest.mark.numerics
 def test_window_block_is_attention_then_mlp():
     paddle.seed(1)
     block = Window_Block(32, (7, 7), 2)
@@ -136,6 +137,7 @@ def test_non_square_image():
 
 
 # ---------------------------------------------------------------- bug 3: logits out, probabilities apart
+@pytest.mark.numerics
 def test_forward_returns_logits_and_predict_probabilities():
     paddle.seed(0)
     model = MaxViT(SMALL)
@@ -272,6 +274,7 @@ def test_any_input_size_gives_finite_logits(hw):
     assert out.shape == [1, 1000] and np.isfinite(out.numpy()).all()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize('cls', [Window_Block, Grid_Block])
 def test_mask_path_equals_fast_path_when_nothing_is_padded(cls):
     paddle.seed(0)
@@ -294,6 +297,7 @@ def reference_attention(block, x):
     return out @ block.attn.proj.weight.numpy() + block.attn.proj.bias.numpy()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize('cls', [Window_Block, Grid_Block])
 @pytest.mark.parametrize('hw', [(14, 14), (10, 9)])
 def test_padded_attention_matches_brute_force(cls, hw):

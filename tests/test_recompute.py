@@ -41,6 +41,7 @@ def step(model, x, seed=7, amp=False):
     return logits.numpy(), grads, stats, kept
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize('amp', [False, True], ids=['fp32', 'bf16-O1'])
 def test_gradients_equal_the_plain_backward(amp):
     # bf16 on the CPU build is plumbing only (README: AMP): auto_cast must reach the recomputed forward
@@ -94,6 +95,7 @@ def test_set_grad_checkpointing_switches_it_on_a_built_model():
     assert not plain._recomputes(plain.max_blocks[0][0], x)
 
 
+@pytest.mark.numerics
 def test_frozen_stages_are_not_recomputed_and_the_rest_matches():
     plain, checkpointed = twins()
     x = paddle.randn([4, 3, 32, 32])

@@ -14,6 +14,7 @@ SMALL = dict(tiny_args, stage_num_block=[1, 1, 1, 1], stem_dim=8, stage_dim=16, 
              grid_size=[2, 2], num_classes=10, drop_path=0.5)
 
 
+@pytest.mark.numerics
 def test_static_forward_and_backward_equal_eager():
     # as train.py runs them, with the fast layers: the memory-saving PyLayers (FastDropPath's _ScaleSamples,
     # FastMlp's _LinearFn) take their plain form in the static program, the C++ kernels their static form;

@@ -31,6 +31,14 @@ def max_diff(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
 
+def summation_tolerance(n: int, magnitude):
+    """Elementwise bound on the difference of two float32 computations of one sum of n terms whose absolute values
+    sum to ``magnitude`` (a number or an array): 2 sqrt(n) EPS magnitude, four times the sqrt(n) EPS/2 that
+    independent roundings give each (well below the worst case, (n - 1) EPS/2 each); a term missed or counted
+    twice moves a sum by far more."""
+    return 2 * np.sqrt(n) * EPS * np.asarray(magnitude, np.float64)
+
+
 def forward_tolerance(magnitude, forwards: int = 2) -> float:
     """How far MaxViT outputs of the given magnitude may be apart when ``forwards`` of the computations compared
     are float32 forwards, each with its own rounding: 2 for two engines, batch shapes, thread counts or machines;
