@@ -308,7 +308,7 @@ def next_commands(config: str, overrides, out_dir: Path) -> str:
     best = f'-c {config}{kept} -o Global.pretrained_model={out_dir}/best'
     return (f'next: python eval.py {best}\n'
             f'      visualdl --logdir {out_dir}/vdl    (then open http://localhost:8040)\n'
-            f'      python tools/export.py {best}')
+            f'      python -m tools.export {best}')
 
 
 def main(argv=None) -> dict:

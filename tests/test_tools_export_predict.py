@@ -174,7 +174,7 @@ def test_onnx_without_paddle2onnx_says_how_to_install(run, tmp_path, monkeypatch
     # makes `import paddle2onnx` fail and importlib.util.find_spec('paddle2onnx') None, installed or not
     monkeypatch.setitem(sys.modules, 'paddle2onnx', None)
     # importing the tool does not need paddle2onnx
-    fresh = importlib.util.spec_from_file_location('export_fresh', ROOT / 'tools' / 'export.py')
+    fresh = importlib.util.spec_from_file_location('tools.export_fresh', ROOT / 'tools' / 'export.py')
     fresh.loader.exec_module(importlib.util.module_from_spec(fresh))
     argv = config_args(f'Global.pretrained_model={run["ckpt"]}')
     # asked for explicitly: an error before any work
@@ -564,7 +564,7 @@ def test_predict_json(run, exported, capsys):
     assert all(set(t) == {'class', 'index', 'prob'} and isinstance(t['prob'], float) for r in printed
                for t in r['topk'])
     # from the command line with oneDNN, whose passes print on the C++ stdout: stdout stays pure JSON
-    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'predict.py'), '--model', exported(64, True, 'raw'),
+    proc = subprocess.run([sys.executable, '-m', 'tools.predict', '--model', exported(64, True, 'raw'),
                            '--images', *paths, '--json', '--topk', '2'], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     printed = json.loads(proc.stdout)
@@ -600,10 +600,10 @@ def test_predict_errors(run, tmp_path):
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         predict.main(['--images', run['images'][0]])
-    with pytest.raises(export.ExportError, match='tools/export.py'):
+    with pytest.raises(export.ExportError, match='python -m tools.export'):
         predict.main(['--model', str(tmp_path / 'missing'), '--images', run['images'][0]])
     # the command line turns errors into one line
-    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'predict.py'), *ckpt, '--images', str(empty)],
+    proc = subprocess.run([sys.executable, '-m', 'tools.predict', *ckpt, '--images', str(empty)],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 1
     # one line, naming the folder once: no third-party noise, no second 'no images at' line

@@ -2,9 +2,9 @@
 (eager Paddle, to_static, Paddle Inference with and without oneDNN, the exported model in onnxruntime and OpenVINO)
 and training steps (fp32, through to_static, bf16), optionally beside timm's MaxViT in another Python.
 
-    python tools/benchmark.py -c configs/maxvit_t_tf_224.yaml --batch 1 8 --engines inference-mkldnn onnxruntime \
+    python -m tools.benchmark -c configs/maxvit_t_tf_224.yaml --batch 1 8 --engines inference-mkldnn onnxruntime \
         openvino --timm-python /path/to/torch-venv/bin/python --timm-engines eager compile
-    python tools/benchmark.py -c configs/maxvit_t_tf_224.yaml --batch 8 --engines train train-static \
+    python -m tools.benchmark -c configs/maxvit_t_tf_224.yaml --batch 8 --engines train train-static \
         --timm-python /path/to/torch-venv/bin/python
 
 Every engine runs in a process of its own, set up one after another (built, exported or compiled, --warmup untimed
@@ -37,9 +37,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file: the repository root, where common/ and maxvit.py are, is not importable
+    sys.exit('run it from the repository root as: python -m tools.benchmark ...')
 
-from common.cpu_info import cpu_cores, cpu_header, cpu_summary  # noqa: E402  (no Paddle: timm's workers too)
+from common.cpu_info import cpu_cores, cpu_header, cpu_summary  # (no Paddle: timm's workers too)
 
 ENGINES = ['eager', 'static', 'inference', 'inference-mkldnn', 'onnxruntime', 'openvino', 'openvino-bf16',
            'train', 'train-static', 'train-bf16']
@@ -234,7 +235,7 @@ class Worker:
 
     def __init__(self, spec, python):
         self.spec, self.times, self.info, self.skipped, self.peak_gb = spec, [], {}, None, None
-        self.proc = subprocess.Popen([python, str(Path(__file__).resolve()), '--worker', json.dumps(spec)],
+        self.proc = subprocess.Popen([python, '-m', 'tools.benchmark', '--worker', json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         line = self._read('READY ', 'SKIP ')
         if line.startswith('SKIP '):

@@ -1,13 +1,13 @@
 """Convert timm's MaxViT checkpoints (the official TensorFlow weights, ``maxvit_*_tf_*``) to MaxViT-Paddle.
 
     # a timm model name picks the architecture (block/grid size = image size // 32); classes come from the file
-    python tools/convert_weights.py --src model.safetensors --model maxvit_tiny_tf_224 --out maxvit_t_tf_224.pdparams
-    python tools/convert_weights.py --src pytorch_model.bin --model maxvit_base_tf_224.in21k --out maxvit_b_tf_224_in21k.pdparams
+    python -m tools.convert_weights --src model.safetensors --model maxvit_tiny_tf_224 --out maxvit_t_tf_224.pdparams
+    python -m tools.convert_weights --src pytorch_model.bin --model maxvit_base_tf_224.in21k --out maxvit_b_tf_224_in21k.pdparams
 
     # or a config: 224 weights into the 384 model, relative position bias tables resized bilinearly
-    python tools/convert_weights.py --src model.safetensors -c configs/maxvit_t_tf_384.yaml --out maxvit_t_tf_224to384.pdparams
+    python -m tools.convert_weights --src model.safetensors -c configs/maxvit_t_tf_384.yaml --out maxvit_t_tf_224to384.pdparams
     # ... keeping the config's fresh classifier instead of the checkpoint's (e.g. 21k-class weights, 10 classes)
-    python tools/convert_weights.py --src model.safetensors -c my.yaml -o Model.num_classes=10 --drop-head --out x.pdparams
+    python -m tools.convert_weights --src model.safetensors -c my.yaml -o Model.num_classes=10 --drop-head --out x.pdparams
 
 Inputs: timm state dicts as ``.safetensors`` (read with the safetensors package by ``read_safetensors``) or torch ``.pth``/``.bin``
 zip files (read by ``read_torch_zip``, which never runs pickled code: a restricted unpickler builds numpy arrays
@@ -41,9 +41,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file: the repository root, where common/ and maxvit.py are, is not importable
+    sys.exit('run it from the repository root as: python -m tools.convert_weights ...')
 
-from common.checkpoint import bfloat16_to_float32, read_safetensors  # noqa: E402
+from common.checkpoint import bfloat16_to_float32, read_safetensors
 
 __all__ = ['ConversionError', 'UnsafeCheckpointError', 'read_safetensors', 'read_torch_zip', 'load_timm_checkpoint',
            'timm_to_paddle_name', 'convert_state_dict', 'checkpoint_num_classes', 'timm_model_args', 'main']

@@ -1,9 +1,9 @@
 """Export MaxViT weights to a Paddle Inference model (NAME.json + NAME.pdiparams + NAME.yaml) and to ONNX (NAME.onnx).
 
-    python tools/export.py -c configs/quickstart.yaml -o Global.pretrained_model=output/quickstart/best
-    python tools/export.py -c configs/maxvit_t_tf_224.yaml -o Global.pretrained_model=weights/maxvit_t_tf_224.pdparams \
+    python -m tools.export -c configs/quickstart.yaml -o Global.pretrained_model=output/quickstart/best
+    python -m tools.export -c configs/maxvit_t_tf_224.yaml -o Global.pretrained_model=weights/maxvit_t_tf_224.pdparams \
         --output inference/maxvit_t --softmax
-    python tools/export.py -c configs/maxvit_t.yaml -o Global.pretrained_model=output/maxvit_t/best --weights raw \
+    python -m tools.export -c configs/maxvit_t.yaml -o Global.pretrained_model=output/maxvit_t/best --weights raw \
         --size 384 384 --no-onnx           # only the Paddle Inference model
 
 The model is saved in eval mode with a dynamic batch size: input 'image' [batch, C, H, W], H = W = Data.img_size
@@ -40,16 +40,17 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file: the repository root, where common/ and maxvit.py are, is not importable
+    sys.exit('run it from the repository root as: python -m tools.export ...')
 
-from common import NATIVE_NOISE, native_output_filtered  # noqa: E402  (first: silences known noise before Paddle loads)
-import numpy as np  # noqa: E402
-import paddle  # noqa: E402
-import yaml  # noqa: E402
+from common import NATIVE_NOISE, native_output_filtered  # (first: silences known noise before Paddle loads)
+import numpy as np
+import paddle
+import yaml
 
-from common.checkpoint import CheckpointError, checkpoint_prefix, load_file, load_pretrained  # noqa: E402
-from common.config import ConfigError, add_config_args, build_model, load_config  # noqa: E402
-from common.cpu_info import cpu_cores  # noqa: E402
+from common.checkpoint import CheckpointError, checkpoint_prefix, load_file, load_pretrained
+from common.config import ConfigError, add_config_args, build_model, load_config
+from common.cpu_info import cpu_cores
 
 PREPROCESS_KEYS = ('img_size', 'crop_pct', 'crop_mode', 'interpolation', 'mean', 'std')
 INPUT_NAME = 'image'
@@ -188,11 +189,11 @@ def load_meta(prefix: str) -> Dict:
     prefix = str(prefix)
     for suffix in ('.json', '.pdiparams', '.yaml'):
         if not Path(prefix + suffix).is_file():
-            raise ExportError(f'exported model {prefix}: no {prefix + suffix} (write one with tools/export.py)')
+            raise ExportError(f'exported model {prefix}: no {prefix + suffix} (write one with python -m tools.export)')
     meta = yaml.safe_load(Path(prefix + '.yaml').read_text(encoding='utf-8')) or {}
     missing = [k for k in ('input', 'output', 'preprocess') if k not in meta]
     if missing:
-        raise ExportError(f'{prefix}.yaml lacks {", ".join(missing)}: re-export it with tools/export.py')
+        raise ExportError(f'{prefix}.yaml lacks {", ".join(missing)}: re-export it with python -m tools.export')
     return meta
 
 
@@ -201,7 +202,7 @@ def inference_config(prefix: str, mkldnn: bool = True, threads: Optional[int] = 
     turns it on by default) and ``threads`` math-library threads (default: every core this process may use)."""
     for suffix in ('.json', '.pdiparams'):
         if not Path(prefix + suffix).is_file():
-            raise ExportError(f'exported model {prefix}: no {prefix + suffix} (write one with tools/export.py)')
+            raise ExportError(f'exported model {prefix}: no {prefix + suffix} (write one with python -m tools.export)')
     config = paddle.inference.Config(prefix + '.json', prefix + '.pdiparams')
     config.disable_gpu()
     if mkldnn:
@@ -384,8 +385,8 @@ def create_runner(prefix: str, engine: str = 'auto', threads: Optional[int] = No
         return (lambda batch: run_predictor(predictor, batch),
                 f'Paddle Inference, {"oneDNN" if mkldnn else "no oneDNN"}{note}')
     if not Path(onnx_file).is_file():
-        raise ExportError(f'the {engine} engine runs {onnx_file}, which is not there: write it with tools/export.py '
-                          f'(pip install -r requirements-deploy.txt first), or use --engine paddle')
+        raise ExportError(f'the {engine} engine runs {onnx_file}, which is not there: write it with python -m '
+                          f'tools.export (pip install -r requirements-deploy.txt first), or use --engine paddle')
     if engine == 'openvino':
         # the settings the export's check passed with; without a check, the exact ones (see OPENVINO_WITHOUT_SNIPPETS)
         config = meta.get('openvino_config', OPENVINO_WITHOUT_SNIPPETS)

@@ -1,8 +1,8 @@
 """Count multiply-adds (MACs) and parameters of MaxViT per stage, attention included.
 
-    python tools/flops.py -c configs/maxvit_t_tf_224.yaml              # one model, per stage
-    python tools/flops.py -c configs/maxvit_t.yaml --size 384
-    python tools/flops.py --paper                                       # official layout T/S/B/L at 224/384/512
+    python -m tools.flops -c configs/maxvit_t_tf_224.yaml              # one model, per stage
+    python -m tools.flops -c configs/maxvit_t.yaml --size 384
+    python -m tools.flops --paper                                       # official layout T/S/B/L at 224/384/512
                                                                         # next to the paper's Table 13
 
 MACs count every multiply-add of convolutions, linear layers and the two attention matmuls (QK^T and AV), the
@@ -17,16 +17,16 @@ import argparse
 import math
 import sys
 from collections import defaultdict
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file: the repository root, where common/ and maxvit.py are, is not importable
+    sys.exit('run it from the repository root as: python -m tools.flops ...')
 
-import common  # noqa: E402,F401  (first: it silences known third-party noise before Paddle loads)
-import paddle  # noqa: E402
-import paddle.nn as nn  # noqa: E402
+import common  # noqa: F401  (first: it silences known third-party noise before Paddle loads)
+import paddle
+import paddle.nn as nn
 
-import maxvit  # noqa: E402
-from common.config import build_model, load_config  # noqa: E402
+import maxvit
+from common.config import build_model, load_config
 
 # The paper's Table 13 (GMACs; "FLOPs" in the paper are multiply-adds), official layout, 1000 classes.
 PAPER_GMACS = {('T', 224): 5.6, ('T', 384): 17.7, ('T', 512): 33.7,

@@ -4,13 +4,13 @@ Needs torch + timm + safetensors (never installed by CI; the tests only read wha
 of ``--full`` runs in a second interpreter, the one with paddle installed:
 
     # write tests/data/parity/ (reduced tf-layout models at 224 / window 7 and 384 / window 12, a torch .pth)
-    /work/venv-torch/bin/python tools/make_parity_fixtures.py
+    /work/venv-torch/bin/python -m tools.make_parity_fixtures
 
     # timm maxvit_tiny_tf_224 and maxvit_tiny_tf_384 with random weights -> convert -> Paddle: logits and the
     # 5 feature maps must agree within 1e-4, absolute for values up to 1 and relative to the largest value of the
     # map beyond (random weights make stage 3/4 maps reach 100-200, where float32 rounding alone exceeds 1e-4
     # absolute); writes nothing to the repository
-    /work/venv-torch/bin/python tools/make_parity_fixtures.py --full --paddle-python /work/venv/bin/python
+    /work/venv-torch/bin/python -m tools.make_parity_fixtures --full --paddle-python /work/venv/bin/python
 
 Every weight is random, BatchNorm running statistics and affine parameters included, and biases and bias tables
 are far from their zero/small initial values, so that a wrongly mapped tensor changes the outputs. The fixtures
@@ -195,8 +195,8 @@ def full_check(paddle_python: str) -> int:
             save_file(state_dict(model), f'{tmp}/{name}.safetensors')
             np.savez(f'{tmp}/{name}.npz', x=x, logits=logits, **{f'feat{i}': f for i, f in enumerate(feats)})
             print(f'{name}: timm logits |max| {np.abs(logits).max():.3f}', flush=True)
-            res = subprocess.run([paddle_python, __file__, '--paddle-check', tmp, '--model', name],
-                                 capture_output=True, text=True)
+            res = subprocess.run([paddle_python, '-m', 'tools.make_parity_fixtures', '--paddle-check', tmp, '--model',
+                                  name], capture_output=True, text=True, cwd=ROOT)
             print(res.stdout, end='')
             if res.returncode:
                 print(res.stderr[-3000:], file=sys.stderr)
@@ -208,7 +208,6 @@ def full_check(paddle_python: str) -> int:
 
 # --------------------------------------------------------------------------------------------------- paddle side
 def paddle_check(tmp: str, name: str) -> int:
-    sys.path.insert(0, str(ROOT))
     import paddle
     from maxvit import MaxViT
     from tools.convert_weights import checkpoint_num_classes, convert_state_dict, load_timm_checkpoint, timm_model_args

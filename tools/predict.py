@@ -1,10 +1,10 @@
 """Classify images with MaxViT: the top-k classes and their probabilities for every image.
 
-    python tools/predict.py -c configs/quickstart.yaml -o Global.pretrained_model=output/quickstart/best \
+    python -m tools.predict -c configs/quickstart.yaml -o Global.pretrained_model=output/quickstart/best \
         --images data/shapes/val/star/0000.png
-    python tools/predict.py -c configs/maxvit_t_tf_224.yaml \
+    python -m tools.predict -c configs/maxvit_t_tf_224.yaml \
         -o Global.pretrained_model=weights/maxvit_t_tf_224.pdparams --images photos/ --labels imagenet.txt --json
-    python tools/predict.py --model inference/quickstart --images 'data/shapes/val/*/000?.png'
+    python -m tools.predict --model inference/quickstart --images 'data/shapes/val/*/000?.png'
 
 --images takes image files, folders (searched recursively for image files) and glob patterns (quote them to let
 this script expand them; '**' recurses), any number of each. Images go through the evaluation preprocessing
@@ -33,19 +33,20 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file: the repository root, where common/ and maxvit.py are, is not importable
+    sys.exit('run it from the repository root as: python -m tools.predict ...')
 
-import common  # noqa: E402,F401  (first: it silences known third-party noise before Paddle loads)
-import numpy as np  # noqa: E402
-import paddle  # noqa: E402
+import common  # noqa: F401  (first: it silences known third-party noise before Paddle loads)
+import numpy as np
+import paddle
 
-from common.checkpoint import CheckpointError, load_pretrained  # noqa: E402
-from common.config import ConfigError, add_config_args, build_model, load_config, validate  # noqa: E402
-from common.data import IMG_EXTENSIONS, DataError, read_rgb  # noqa: E402
-from common.transforms import build_transform  # noqa: E402
-from common.device import setup  # noqa: E402
-from common.fast_layers import use_fast_layers  # noqa: E402
-from tools.export import ENGINES, ExportError, checkpoint_class_names, create_runner, load_meta  # noqa: E402
+from common.checkpoint import CheckpointError, load_pretrained
+from common.config import ConfigError, add_config_args, build_model, load_config, validate
+from common.data import IMG_EXTENSIONS, DataError, read_rgb
+from common.transforms import build_transform
+from common.device import setup
+from common.fast_layers import use_fast_layers
+from tools.export import ENGINES, ExportError, checkpoint_class_names, create_runner, load_meta
 
 
 def log(msg: str) -> None:

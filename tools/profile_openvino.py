@@ -1,8 +1,8 @@
 """Where OpenVINO spends its time on MaxViT: the exported .onnx run with OpenVINO's per-layer counters (PERF_COUNT),
 summed by layer type and kernel, with the FLOPs of the matrix products and the rate they reach.
 
-    python tools/profile_openvino.py -c configs/maxvit_t_tf_224.yaml --batch 1 8
-    python tools/profile_openvino.py -c configs/maxvit_t_tf_224.yaml --batch 8 --gflops 210   # % of a GEMM rate
+    python -m tools.profile_openvino -c configs/maxvit_t_tf_224.yaml --batch 1 8
+    python -m tools.profile_openvino -c configs/maxvit_t_tf_224.yaml --batch 8 --gflops 210   # % of a GEMM rate
 
 The model is tools.export.model_to_measure's (Global.pretrained_model, or trained-like weights), exported as
 tools/export.py does and compiled with tools.export.openvino_compiler's settings, as tools/predict.py runs it on the
@@ -21,16 +21,17 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file: the repository root, where common/ and maxvit.py are, is not importable
+    sys.exit('run it from the repository root as: python -m tools.profile_openvino ...')
 
-import common  # noqa: E402,F401  (first: it silences known third-party noise before Paddle loads)
-import numpy as np  # noqa: E402
+import common  # noqa: F401  (first: it silences known third-party noise before Paddle loads)
+import numpy as np
 
-import tools.export as ex  # noqa: E402
-from common.checkpoint import CheckpointError  # noqa: E402
-from common.config import ConfigError, add_config_args, load_config  # noqa: E402
-from common.cpu_info import cpu_cores, cpu_header  # noqa: E402
-from common.device import setup  # noqa: E402
+import tools.export as ex
+from common.checkpoint import CheckpointError
+from common.config import ConfigError, add_config_args, load_config
+from common.cpu_info import cpu_cores, cpu_header
+from common.device import setup
 
 MATRIX_LAYERS = ('FullyConnected', 'Convolution', 'GroupConvolution', 'MatMul')
 

@@ -1,18 +1,18 @@
 """Print paddle.summary of a config's model (the article's table) and its parameters per stage.
 
-    python tools/summary.py -c configs/maxvit_t.yaml                 # the article's Tiny at 224
-    python tools/summary.py -c configs/maxvit_t_tf_384.yaml --size 384 288
+    python -m tools.summary -c configs/maxvit_t.yaml                 # the article's Tiny at 224
+    python -m tools.summary -c configs/maxvit_t_tf_384.yaml --size 384 288
 """
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file: the repository root, where common/ and maxvit.py are, is not importable
+    sys.exit('run it from the repository root as: python -m tools.summary ...')
 
-import common  # noqa: E402,F401  (first: it silences known third-party noise before Paddle loads)
-import paddle  # noqa: E402
+import common  # noqa: F401  (first: it silences known third-party noise before Paddle loads)
+import paddle
 
-from common.config import add_config_args, build_model, load_config  # noqa: E402
+from common.config import add_config_args, build_model, load_config
 
 
 def count(layer) -> int:

@@ -1,8 +1,8 @@
 """Draw where one position's block and grid attention look (the MaxViT paper's Figure 3, with real weights).
 
-    python tools/visualize_attention.py -c configs/quickstart.yaml -o Global.pretrained_model=output/quickstart/best \
+    python -m tools.visualize_attention -c configs/quickstart.yaml -o Global.pretrained_model=output/quickstart/best \
         --image data/shapes/val/star/0000.png --query 20 28 --out attention.png
-    python tools/visualize_attention.py -c configs/maxvit_t_tf_224.yaml \
+    python -m tools.visualize_attention -c configs/maxvit_t_tf_224.yaml \
         -o Global.pretrained_model=weights/maxvit_t_tf_224.pdparams --image dog.jpg --query 100 120 \
         --stage 1 --block 1 --out attention.png
 
@@ -31,17 +31,18 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file: the repository root, where common/ and maxvit.py are, is not importable
+    sys.exit('run it from the repository root as: python -m tools.visualize_attention ...')
 
-import common  # noqa: E402,F401  (first: it silences known third-party noise before Paddle loads)
-import numpy as np  # noqa: E402
-import paddle  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+import common  # noqa: F401  (first: it silences known third-party noise before Paddle loads)
+import numpy as np
+import paddle
+from PIL import Image, ImageDraw, ImageFont
 
-from common.checkpoint import CheckpointError, load_pretrained  # noqa: E402
-from common.config import ConfigError, add_config_args, build_model, load_config  # noqa: E402
-from common.data import read_rgb  # noqa: E402
-from common.transforms import build_transform  # noqa: E402
+from common.checkpoint import CheckpointError, load_pretrained
+from common.config import ConfigError, add_config_args, build_model, load_config
+from common.data import read_rgb
+from common.transforms import build_transform
 
 # Layout of the picture, in pixels: panels of the image's aspect with the longer side PANEL (--panel).
 PAD = 8              # around and between panels
