@@ -1,4 +1,5 @@
-"""common/checkpoint.py: a kill at any moment leaves a whole checkpoint; weights load without running code."""
+"""common/checkpoint.py: a kill at any moment leaves a whole checkpoint; every load checks each file against the
+size and sha256 its save recorded; copies share no bytes; weights load without running code."""
 import json
 import os
 import pickle
@@ -11,8 +12,9 @@ import pytest
 import safetensors.numpy
 
 import common.checkpoint as ckpt
-from common.checkpoint import (CheckpointError, adapt_state_dict, copy_checkpoint, load_checkpoint, load_file,
-                               load_pretrained, read_safetensors, save_checkpoint)
+from common.checkpoint import (CheckpointError, DiskError, adapt_state_dict, copy_checkpoint, load_checkpoint,
+                               load_file, load_pretrained, load_weights, pickled_size, read_safetensors,
+                               save_checkpoint, to_numpy_tree)
 from maxvit import MaxViT, tiny_args
 
 SMALL = dict(tiny_args, stage_num_block=[1, 1, 1, 1], stem_dim=8, stage_dim=16, num_heads=1, num_classes=10)
@@ -26,7 +28,7 @@ def assert_whole(prefix, version):
     model, opt, states = load_checkpoint(prefix)
     assert (int(model['w'][0]), opt['v'], states['v']) == (version,) * 3
     leftovers = sorted(p.name for p in Path(prefix).parent.glob(Path(prefix).name + '.*'))
-    assert leftovers == sorted(Path(prefix).name + ext for ext in ckpt.EXTS)
+    assert leftovers == sorted(Path(prefix).name + ext for ext in ckpt.EXTS + (ckpt.RECORD,))
 
 
 class Killed(Exception):
@@ -80,9 +82,12 @@ def test_a_save_that_fails_leaves_no_files_behind(tmp_path, monkeypatch):
             raise OSError(28, 'No space left on device')
         return real_write(path, dump)
     monkeypatch.setattr(ckpt, '_write_file', disk_full)
-    with pytest.raises(OSError, match='No space left'):
+    with pytest.raises(DiskError, match=rf'^cannot save checkpoint {prefix}: not enough space in {tmp_path} '
+                                        r'\(needs about 20 kB, .* free on .*\): .*; the previous checkpoint there '
+                                        r'is intact$'):
         save_checkpoint(prefix, *version_set(2))
-    assert sorted(p.name for p in tmp_path.glob('latest.*')) == ['latest.pdopt', 'latest.pdparams', 'latest.pdstates']
+    assert sorted(p.name for p in tmp_path.glob('latest.*')) == ['latest.pdopt', 'latest.pdparams', 'latest.pdstates',
+                                                                 'latest.sha256.json']
     assert_whole(prefix, 1)
 
 
@@ -95,16 +100,138 @@ def test_checkpoint_files_are_what_paddle_save_writes(tmp_path):
     np.testing.assert_array_equal(loaded['proj.weight'].numpy(), model.proj.weight.numpy())
 
 
-def test_copies_are_hard_links_committed_like_saves(tmp_path):
-    save_checkpoint(str(tmp_path / 'latest'), *version_set(1))
-    copy_checkpoint(str(tmp_path / 'latest'), str(tmp_path / 'best'))
-    assert os.path.samefile(tmp_path / 'latest.pdopt', tmp_path / 'best.pdopt')
-    save_checkpoint(str(tmp_path / 'latest'), *version_set(2))  # replaces latest's files, best keeps its own
-    assert_whole(str(tmp_path / 'best'), 1)
-    assert_whole(str(tmp_path / 'latest'), 2)
-    copy_checkpoint(str(tmp_path / 'latest'), str(tmp_path / 'best'))
-    copy_checkpoint(str(tmp_path / 'latest'), str(tmp_path / 'best'))  # onto links of the same files
+def test_copies_share_no_bytes_with_their_source(tmp_path):
+    latest, best = str(tmp_path / 'latest'), str(tmp_path / 'best')
+    save_checkpoint(latest, *version_set(1))
+    copy_checkpoint(latest, best)
+    for ext in ckpt.EXTS:
+        a, b = os.stat(latest + ext), os.stat(best + ext)
+        assert (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino) and b.st_nlink == 1
+        assert Path(latest + ext).read_bytes() == Path(best + ext).read_bytes()
+    assert json.loads(Path(best + ckpt.RECORD).read_text()) == json.loads(Path(latest + ckpt.RECORD).read_text())
+    save_checkpoint(latest, *version_set(2))  # replaces latest's files, best keeps its own
+    assert_whole(best, 1)
+    assert_whole(latest, 2)
+    copy_checkpoint(latest, best)
+    copy_checkpoint(latest, best)  # onto a copy of the same files
+    assert_whole(best, 2)
+
+
+def flip_byte(path, where=0.5):
+    """Damage from outside: one byte in the middle of ``path`` changed, its size kept."""
+    data = bytearray(Path(path).read_bytes())
+    data[int(len(data) * where)] ^= 0x10
+    Path(path).write_bytes(bytes(data))
+
+
+def run_with_copies(tmp_path, model=None):
+    """latest, best and epoch_2 of a run (best and epoch_2 copies of latest)."""
+    prefix = str(tmp_path / 'latest')
+    weights = model.state_dict() if model else version_set(2)[0]
+    save_checkpoint(prefix, weights, {'v': 2}, {'v': 2, 'class_names': ['a', 'b']})
+    copy_checkpoint(prefix, str(tmp_path / 'best'))
+    copy_checkpoint(prefix, str(tmp_path / 'epoch_2'))
+    return prefix
+
+
+def test_a_flipped_byte_is_one_error_on_every_load_and_the_copies_still_load(tmp_path):
+    model = MaxViT(SMALL)
+    prefix = run_with_copies(tmp_path, model)
+    size = os.path.getsize(prefix + '.pdparams')
+    record = json.loads(Path(prefix + ckpt.RECORD).read_text())['files']['.pdparams']
+    assert record['bytes'] == size > 100_000 and len(record['sha256']) == 64
+    flip_byte(prefix + '.pdparams')  # a float in the middle of the weights: it would load (as it did before)
+    message = (rf'^{re.escape(prefix)}.pdparams is damaged: expected sha256 {record["sha256"][:16]}\.\.\. '
+               rf'\({re.escape(prefix)}.sha256.json\), found [0-9a-f]{{16}}\.\.\. \(its bytes changed after it was '
+               rf'saved: .*\); nothing of it was loaded: use another checkpoint of the run instead \(as Global.resume '
+               rf'or Global.pretrained_model\): {re.escape(str(tmp_path / "best"))}, '
+               rf'{re.escape(str(tmp_path / "epoch_2"))}$')
+    calls = {'resume (load_checkpoint)': lambda: load_checkpoint(prefix),
+             'eval, Global.pretrained_model (load_pretrained)': lambda: load_pretrained(MaxViT(SMALL), prefix),
+             'raw weights (load_weights)': lambda: load_weights(prefix + '.pdparams'),
+             'a file (load_file)': lambda: load_file(prefix + '.pdparams')}
+    for what, call in calls.items():
+        with pytest.raises(CheckpointError, match=message) as err:
+            call()
+        assert '\n' not in str(err.value), what
+    # the copies have their own bytes
+    for other in ('best', 'epoch_2'):
+        restored = MaxViT(SMALL)
+        load_pretrained(restored, str(tmp_path / other))
+        np.testing.assert_array_equal(restored.proj.weight.numpy(), model.proj.weight.numpy())
+    # the EMA and class-name reads of a damaged .pdstates (eval's EMA weights, tools/export.py's class names)
+    flip_byte(prefix + '.pdstates', 0.9)
+    with pytest.raises(CheckpointError, match=rf'{re.escape(prefix)}.pdstates is damaged: expected sha256'):
+        load_file(prefix + '.pdstates')
+
+
+def test_a_truncated_file_is_one_error_naming_what_was_expected(tmp_path):
+    prefix = run_with_copies(tmp_path)
+    size = os.path.getsize(prefix + '.pdopt')
+    with open(prefix + '.pdopt', 'r+b') as f:
+        f.truncate(size - 7)
+    with pytest.raises(CheckpointError, match=rf'^{re.escape(prefix)}.pdopt is damaged: expected {size} bytes '
+                                              rf'\({re.escape(prefix)}.sha256.json\), found {size - 7} \(truncated\); '
+                                              rf'nothing of it was loaded: use another checkpoint .*best, .*epoch_2$'):
+        load_checkpoint(prefix)
     assert_whole(str(tmp_path / 'best'), 2)
+    assert_whole(str(tmp_path / 'epoch_2'), 2)
+    # a damaged latest is not copied on: best keeps what it has
+    with pytest.raises(CheckpointError, match=rf'{re.escape(prefix)}.pdopt is damaged: expected {size} bytes .*; not '
+                                              rf'copied to .*best, which is unchanged'):
+        copy_checkpoint(prefix, str(tmp_path / 'best'))
+    assert_whole(str(tmp_path / 'best'), 2)
+    # with no copy to fall back on, the error says so
+    for other in ('best', 'epoch_2'):
+        for path in tmp_path.glob(other + '.*'):
+            path.unlink()
+    with pytest.raises(CheckpointError, match=rf'no other checkpoint is in {re.escape(str(tmp_path))} to use instead'):
+        load_checkpoint(prefix)
+
+
+def test_a_damaged_record_is_an_error_and_a_missing_one_a_single_warning(tmp_path, recwarn):
+    prefix = run_with_copies(tmp_path)
+    Path(prefix + ckpt.RECORD).write_text('{"format": 1, "fil')
+    with pytest.raises(CheckpointError, match=rf'^{re.escape(prefix)}.sha256.json is damaged \(JSONDecodeError: .*\), '
+                                              rf'so the files of {re.escape(prefix)} cannot be checked: use another '
+                                              rf'checkpoint .*, or delete .*latest.sha256.json to load .* unchecked$'):
+        load_checkpoint(prefix)
+    # a checkpoint saved before records were kept: it loads, with one warning for all its loads
+    Path(prefix + ckpt.RECORD).unlink()
+    recwarn.clear()
+    assert load_checkpoint(prefix)[1] == {'v': 2}
+    load_weights(prefix)
+    notes = [str(w.message) for w in recwarn.list]
+    assert notes == [f'{prefix}: saved without latest.sha256.json (by a version that kept no sha256 of its files), '
+                     f'so loaded unchecked; its next save records one']
+    save_checkpoint(prefix, *version_set(3))
+    assert Path(prefix + ckpt.RECORD).is_file()
+    assert_whole(prefix, 3)
+    # a plain weights file (no .pdstates beside it) is no checkpoint: no record, no warning
+    recwarn.clear()
+    paddle.save({'w': np.zeros(2, 'float32')}, str(tmp_path / 'plain.pdparams'))
+    assert load_weights(str(tmp_path / 'plain.pdparams'))[0]['w'].tolist() == [0, 0] and not recwarn.list
+
+
+def test_pickled_size_bounds_the_files_a_save_writes(tmp_path):
+    """The free-space check's estimate, against real files: never below, at most 256 bytes per tensor above."""
+    model = MaxViT(SMALL)
+    opt = paddle.optimizer.AdamW(parameters=model.parameters())
+    model(paddle.rand([2, 3, 32, 32])).mean().backward()
+    opt.step()
+    states = {'epoch': 1, 'best': {'metric': 0.5}, 'class_names': ['ä', 'b'] * 50, 'config': {'Data': {'x': [1.5]}},
+              'ema': {'state': {k: v.numpy() for k, v in model.state_dict().items()}, 'updates': 3},
+              'scalar': np.float32(1)}
+    trees = model.state_dict(), opt.state_dict(), states
+    save_checkpoint(str(tmp_path / 'c'), *trees)
+    def arrays(tree):
+        if isinstance(tree, dict):
+            return sum(arrays(v) for v in tree.values())
+        return int(isinstance(tree, (np.ndarray, np.generic)))
+    for ext, tree in zip(ckpt.EXTS, trees):
+        written, estimate = os.path.getsize(str(tmp_path / 'c') + ext), pickled_size(tree)
+        n = arrays(to_numpy_tree(tree))
+        assert n > 50 and written < estimate <= written + 256 * n, (ext, written, estimate, n)
 
 
 def test_weights_loader_refuses_code(tmp_path):
