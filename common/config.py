@@ -89,6 +89,11 @@ class Data(_Section):
     num_workers: int = Field(8, ge=0, description='loader processes; 0 loads images in the main process')
     use_shared_memory: bool = Field(True, description='faster worker -> trainer transfer; false where /dev/shm is '
                                                       'small (Docker)')
+    max_image_pixels: Optional[int] = Field(40_000_000, gt=0, examples=[100_000_000],
+                                            description='an image with more pixels is decoded at 1/2, 1/4 or 1/8 of '
+                                                        'its sides (JPEG) or skipped (other formats), one log line '
+                                                        'each: it bounds a loader process\'s memory (3 bytes a pixel); '
+                                                        'null: no cap below Pillow\'s own')
     interpolation: Literal['bilinear', 'bicubic', 'nearest'] = Field('bicubic', description='the resize filter')
     crop_pct: float = Field(0.95, gt=0, le=1, description='eval resizes the short side to img_size / crop_pct')
     crop_mode: Literal['center', 'squash'] = Field(

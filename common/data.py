@@ -9,6 +9,9 @@ Layouts on disk (docs/training.md, "Preparing data"):
 Augmentation is deterministic given (seed, epoch, sample index): each sample seeds Python's and NumPy's RNGs
 itself, so results do not depend on the number of workers and a resumed run sees the same images.
 A corrupt or unreadable image is dropped from its batch; the loader reports which ones (ImageDataset.collate).
+Memory stays bounded: an image with more than Data.max_image_pixels pixels is decoded reduced where its format
+allows it (JPEG: at 1/2, 1/4 or 1/8 of its sides, from the file's DCT data) and skipped, before any pixel is
+decoded, where it does not (PNG and the rest); SkipReport logs each such image once.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import os
 import random
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -61,23 +65,64 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == 'RGBA':
         background = Image.new('RGBA', img.size, _BACKGROUND + (255,))
         img = Image.alpha_composite(background, img)
-    return img.convert('RGB')
+    return img if img.mode == 'RGB' else img.convert('RGB')  # convert would copy an RGB image
 
 
-def read_rgb(path: str) -> Image.Image:
-    """The image file at ``path`` as 8-bit RGB (to_rgb); PIL's errors for unreadable files pass through."""
-    with Image.open(path) as img:
+class ImageTooLarge(ValueError):
+    """An image above Data.max_image_pixels that its format cannot decode reduced (all but JPEG)."""
+
+
+def reduction(size: Tuple[int, int], max_pixels: Optional[int]) -> int:
+    """The factor (1, 2, 4 or 8) by which a JPEG of ``size`` is decoded so that it has at most ``max_pixels``
+    pixels; 1 when it has no more already (or there is no cap), 0 when even 1/8 of its sides is too many."""
+    w, h = size
+    return next((s for s in (1, 2, 4, 8) if not max_pixels or -(-w // s) * -(-h // s) <= max_pixels), 0)
+
+
+def _megapixels(size: Tuple[int, int]) -> str:
+    return f'{size[0]} x {size[1]} pixels ({size[0] * size[1] / 1e6:.1f} megapixels)'
+
+
+def read_image(path: str, max_pixels: Optional[int] = None) -> Tuple[Image.Image, int]:
+    """(the image file at ``path`` as 8-bit RGB (to_rgb), the factor its sides were reduced by, 1 for none).
+    With ``max_pixels``, an image with more pixels is decoded reduced (JPEG: Image.draft, 1/2, 1/4 or 1/8 of each
+    side, ``reduction``) or refused with ImageTooLarge before its pixels are decoded (other formats); Pillow's
+    DecompressionBombWarning, which such images raise at open, is then left out. PIL's errors for unreadable files
+    (and its DecompressionBombError beyond twice Image.MAX_IMAGE_PIXELS) pass through."""
+    with warnings.catch_warnings():
+        if max_pixels and max_pixels <= (Image.MAX_IMAGE_PIXELS or max_pixels):
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # the cap below handles these sizes
+        img = Image.open(path)
+    with img:
+        size, factor = img.size, reduction(img.size, max_pixels)
+        if factor > 1:
+            img.draft(None, (size[0] // factor, size[1] // factor))  # JPEG decodes its DCT data at 1/factor
+        if max_pixels and img.size[0] * img.size[1] > max_pixels:
+            how = (f'{img.format or "such"} images cannot be decoded reduced (JPEG can)' if factor
+                   else 'even 1/8 of its sides is above it')
+            raise ImageTooLarge(f'{_megapixels(size)}, above Data.max_image_pixels ({max_pixels / 1e6:.1f} '
+                                f'megapixels), and {how}: shrink the file, or raise Data.max_image_pixels (3 '
+                                f'bytes of memory a pixel)')
         img.load()
-        return to_rgb(img)
+        return to_rgb(img), factor
+
+
+def read_rgb(path: str, max_pixels: Optional[int] = None) -> Image.Image:
+    """The image file at ``path`` as 8-bit RGB (to_rgb), capped at ``max_pixels`` as read_image says; PIL's
+    errors for unreadable files pass through."""
+    return read_image(path, max_pixels)[0]
 
 
 class ImageDataset(paddle.io.Dataset):
-    """(path, label) samples read from disk with PIL. ``__getitem__`` returns (image CHW float32, label, index);
-    the image is None when the file cannot be read (the loader's collate drops it and reports the index)."""
+    """(path, label) samples read from disk with PIL. ``__getitem__`` returns (image CHW float32, label, index,
+    reduction): the image is None when the file cannot be read (the loader's collate drops it and reports the
+    index), and ``reduction`` is the factor its sides were decoded at (1: as they are) when it has more than
+    ``max_pixels`` pixels (Data.max_image_pixels; None: no cap), see read_image."""
 
-    def __init__(self, samples: List[Tuple[str, int]], class_names: List[str], transform, seed: int = 0):
+    def __init__(self, samples: List[Tuple[str, int]], class_names: List[str], transform, seed: int = 0,
+                 max_pixels: Optional[int] = None):
         self.samples, self.class_names, self.transform = samples, class_names, transform
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.max_pixels = seed, 0, max_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -86,36 +131,51 @@ class ImageDataset(paddle.io.Dataset):
         self.epoch = epoch
 
     def load(self, index: int) -> Image.Image:
-        return read_rgb(self.samples[index][0])
+        return self.read(index)[0]
+
+    def read(self, index: int) -> Tuple[Image.Image, int]:
+        """(image, reduction) of sample ``index``: read_image with this dataset's cap."""
+        return read_image(self.samples[index][0], self.max_pixels)
 
     def __getitem__(self, index: int):
         try:
-            img = self.load(index)
-        except Exception:  # any reason: truncated, not an image, unreadable; reported by the main process
-            return None, None, np.int64(index)
+            img, factor = self.read(index)
+        except Exception:  # any reason: truncated, not an image, unreadable, too large; reported by the main process
+            return None, None, np.int64(index), 1
         seed = (self.seed * 1_000_003 + self.epoch * 10_007_869 + index) % (2 ** 32)
         random.seed(seed)
         np.random.seed(seed)
-        return self.transform(img), np.int64(self.samples[index][1]), np.int64(index)
+        return self.transform(img), np.int64(self.samples[index][1]), np.int64(index), factor
 
     def collate(self, items):
-        """Stack the readable samples of a batch -> (images, labels, indices, unreadable): ``unreadable`` has one
-        entry per sample, the dataset index of an unreadable one or -1. No array is ever empty (Paddle's
-        shared-memory transfer from workers cannot carry zero-size arrays): a batch without one readable image
-        is a single placeholder with label -1, which the loops skip (batch_is_empty)."""
+        """Stack the readable samples of a batch -> (images, labels, indices, notes): ``notes`` has one entry
+        per sample: -1 for an image read as it is, the dataset index of an unreadable one, -2 - index for one
+        decoded reduced (SkipReport logs both kinds). No array is ever empty (Paddle's shared-memory transfer from
+        workers cannot carry zero-size arrays): a batch without one readable image is a single placeholder with
+        label -1, which the loops skip (batch_is_empty)."""
         good = [it for it in items if it[0] is not None]
-        unreadable = np.array([-1 if it[0] is not None else it[2] for it in items], 'int64')
+        notes = np.array([it[2] if it[0] is None else -2 - it[2] if it[3] > 1 else -1 for it in items], 'int64')
         if not good:
-            return np.zeros([1, 3, 1, 1], 'float32'), np.array([-1]), np.array([-1]), unreadable
+            return np.zeros([1, 3, 1, 1], 'float32'), np.array([-1]), np.array([-1]), notes
         return (np.stack([g[0] for g in good]), np.array([g[1] for g in good], 'int64'),
-                np.array([g[2] for g in good], 'int64'), unreadable)
+                np.array([g[2] for g in good], 'int64'), notes)
 
     def failure_reason(self, index: int) -> str:
         try:
-            self.load(index)
+            self.read(index)
             return 'unreadable'
         except Exception as e:
             return f'{type(e).__name__}: {e}'
+
+    def reduction_note(self, index: int) -> str:
+        """What reading sample ``index`` reduced (from the file's header: no pixels are decoded)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            with Image.open(self.samples[index][0]) as img:
+                size = img.size
+        factor = reduction(size, self.max_pixels)
+        return (f'{_megapixels(size)} decoded at 1/{factor} of its sides, {-(-size[0] // factor)} x '
+                f'{-(-size[1] // factor)}, under Data.max_image_pixels ({self.max_pixels / 1e6:.1f} megapixels)')
 
 
 def folder_samples(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
@@ -187,7 +247,8 @@ def build_dataset(cfg: Dict, split: str, log=print) -> ImageDataset:
                 log(f'{split}: wrote the built-in shapes dataset, {count} PNG files ({len(SHAPES)} classes x '
                     f'{SHAPES_PER_CLASS[split]}), to {root}/ in {time.perf_counter() - start:.1f} s')
         samples, names = folder_samples(root)
-    return ImageDataset(samples, names, build_transform(cfg, split == 'train'), seed=cfg['Global']['seed'])
+    return ImageDataset(samples, names, build_transform(cfg, split == 'train'), seed=cfg['Global']['seed'],
+                        max_pixels=d['max_image_pixels'])
 
 
 def batch_is_empty(labels) -> bool:
@@ -253,17 +314,23 @@ def build_loader(dataset: ImageDataset, cfg: Dict, train: bool, rank: int = 0,
 
 
 class SkipReport:
-    """Reports each unreadable image once (path and reason) through ``log`` and counts them."""
+    """Reports each unreadable image once (path and reason) through ``log`` and counts them; reports each image
+    decoded reduced (above Data.max_image_pixels) once too."""
 
     def __init__(self, dataset: ImageDataset, log):
-        self.dataset, self.log, self.seen = dataset, log, set()
+        self.dataset, self.log, self.seen, self.reduced = dataset, log, set(), set()
 
-    def __call__(self, unreadable) -> None:
-        for index in np.asarray(unreadable).reshape(-1).tolist():
-            if index >= 0 and index not in self.seen:
-                self.seen.add(index)
-                self.log(f'skipped unreadable image {self.dataset.samples[index][0]}: '
-                         f'{self.dataset.failure_reason(index)}')
+    def __call__(self, notes) -> None:
+        """``notes``: the last item of a batch (ImageDataset.collate)."""
+        for note in np.asarray(notes).reshape(-1).tolist():
+            if note >= 0 and note not in self.seen:
+                self.seen.add(note)
+                self.log(f'skipped unreadable image {self.dataset.samples[note][0]}: '
+                         f'{self.dataset.failure_reason(note)}')
+            elif note <= -2 and -2 - note not in self.reduced:
+                index = -2 - note
+                self.reduced.add(index)
+                self.log(f'reduced large image {self.dataset.samples[index][0]}: {self.dataset.reduction_note(index)}')
 
     @property
     def count(self) -> int:

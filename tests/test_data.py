@@ -1,11 +1,20 @@
-"""common/data.py: RandAugment against the official TF code, and the checks of the file-list format.
+"""common/data.py: RandAugment against the official TF code, the checks of the file-list format, and images that
+cannot be read or are too large (skipped once each with their reason; JPEGs decoded reduced; memory measured).
 
 The official code is ``distort_image_with_randaugment`` / ``level_to_arg`` in autoaugment.py (google/automl
 efficientnetv2; the same in tensorflow/tpu models/official/efficientnet), ``_MAX_LEVEL = 10``. The expected
 values below are worked out by hand from it.
 """
 import copy
+import json
 import random
+import re
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +22,7 @@ from PIL import Image
 
 import common.transforms as transforms
 from common.config import DEFAULTS
-from common.data import DataError, ImageDataset, TrainBatchSampler, filelist_samples
+from common.data import DataError, ImageDataset, SkipReport, TrainBatchSampler, filelist_samples, reduction
 from common.transforms import RA_LEVEL_TO_ARG, RandAugment, build_transform, randaugment_op
 
 OFFICIAL_OPS = ['AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'Color', 'Contrast',
@@ -328,3 +337,132 @@ def test_train_sampler_gives_the_batches_from_start_to_stop_of_the_seeds_order(w
         assert list(sampler) == order[1:]
         sampler.set_epoch(7)  # each call says where the epoch starts and stops: no bounds left from the last one
         assert list(sampler) == order
+
+
+# ---------------------------------------------------------------------------------------- hostile and huge images
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def png_bytes(width, height, rows=None):
+    """An 8-bit RGB PNG of black pixels written row by row (no image in memory), or only its first ``rows`` rows
+    and no end (a truncated file)."""
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    deflate, row = zlib.compressobj(1), bytes(1 + 3 * width)  # filter byte 0, then the pixels
+    idat = b''.join(deflate.compress(row) for _ in range(height if rows is None else rows))
+    head = b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0))
+    if rows is not None:
+        return head + chunk(b'IDAT', idat)
+    return head + chunk(b'IDAT', idat + deflate.flush()) + chunk(b'IEND', b'')
+
+
+def test_reduction_factor_keeps_an_image_under_the_cap():
+    assert reduction((6000, 6000), 40_000_000) == 1
+    assert reduction((8000, 6000), 40_000_000) == 2    # 4000 x 3000 = 12 M
+    assert reduction((3000, 2000), 1_000_000) == 4     # 1500 x 1000 = 1.5 M is still above
+    assert reduction((3001, 2001), 94_376) == 8        # 1/8 rounds up, as the decoder does: 376 x 251 pixels
+    assert reduction((3001, 2001), 94_375) == 0 and reduction((30000, 30000), 1_000_000) == 0
+    assert reduction((30000, 30000), None) == 1
+
+
+def test_hostile_images_are_skipped_once_each_with_their_reason(tmp_path):
+    files = {'truncated.png': png_bytes(64, 64, rows=20), 'empty.jpg': b'', 'notes.png': b'a text file\n',
+             'bomb.png': png_bytes(20000, 20000, rows=0),  # 400 M pixels: Pillow refuses it at open
+             'huge.png': png_bytes(3000, 2000), 'good.png': png_bytes(8, 8)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    ds = ImageDataset([(str(tmp_path / n), 0) for n in files], ['a'], lambda img: np.asarray(img),
+                      max_pixels=1_000_000)
+    items = [ds[i] for i in range(len(files))]
+    assert [it[0] is None for it in items] == [True] * 5 + [False]
+    _, _, indices, notes = ds.collate(items)
+    assert indices.tolist() == [5] and notes.tolist() == [0, 1, 2, 3, 4, -1]
+    lines = []
+    report = SkipReport(ds, lines.append)
+    report(notes)
+    report(notes)  # seen again in a later epoch: not logged again
+    assert report.count == 5 and len(lines) == 5
+    reasons = dict(zip(files, lines))
+    for name, reason in {'truncated.png': r'OSError: .*(truncated|broken)', 'empty.jpg': r'UnidentifiedImageError',
+                         'notes.png': r'UnidentifiedImageError',
+                         'bomb.png': r'DecompressionBombError: Image size \(400000000 pixels\) exceeds limit',
+                         'huge.png': r'ImageTooLarge: 3000 x 2000 pixels \(6.0 megapixels\), above '
+                                     r'Data.max_image_pixels \(1.0 megapixels\), and PNG images cannot be decoded '
+                                     r'reduced \(JPEG can\): shrink the file, or raise Data.max_image_pixels'}.items():
+        assert re.match(rf'skipped unreadable image {re.escape(str(tmp_path / name))}: {reason}', reasons[name]), \
+            reasons[name]
+
+
+def test_a_large_jpeg_is_decoded_reduced_with_one_line(tmp_path):
+    x = np.linspace(0, 255, 3000)
+    img = Image.fromarray(np.stack(np.broadcast_arrays(x[None, :], 128.0 * np.ones((2000, 1)), x[::-1][None, :]),
+                                   -1).astype(np.uint8))
+    img.save(tmp_path / 'big.jpg', quality=95)
+    full = np.asarray(img.resize((750, 500), Image.BOX), dtype=float)
+    ds = ImageDataset([(str(tmp_path / 'big.jpg'), 3)], ['a'], lambda im: np.asarray(im), max_pixels=1_000_000)
+    pixels, label, index, factor = ds[0]
+    assert pixels.shape == (500, 750, 3) and (label, index, factor) == (3, 0, 4)
+    assert np.abs(pixels - full).mean() < 2  # the DCT's 1/4 scale: the picture, not a crop or noise
+    _, _, _, notes = ds.collate([ds[0], ds[0]])
+    assert notes.tolist() == [-2, -2]
+    lines = []
+    report = SkipReport(ds, lines.append)
+    report(notes)
+    report(notes)
+    assert lines == [f'reduced large image {tmp_path / "big.jpg"}: 3000 x 2000 pixels (6.0 megapixels) decoded at 1/4 '
+                     f'of its sides, 750 x 500, under Data.max_image_pixels (1.0 megapixels)'] and report.count == 0
+    # without a cap, it is read as it is
+    assert ImageDataset(ds.samples, ['a'], ds.transform)[0][0].shape == (2000, 3000, 3)
+
+
+PEAK_SCRIPT = textwrap.dedent('''
+    import gc, json, sys, warnings
+    from common.data import read_image
+
+    def status(key):  # kB
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ':'))
+
+    out = {}
+    for name, path, cap in json.loads(sys.argv[1]):
+        gc.collect()
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # resets the peak resident size (VmHWM) to the current one
+        before = status('VmRSS')
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            try:
+                img, factor = read_image(path, cap)
+                result = [img.size[0], img.size[1], factor]
+                del img
+            except Exception as e:
+                result = type(e).__name__
+        out[name] = {'peak_mb': (status('VmHWM') - before) / 1024, 'result': result,
+                     'warnings': [w.category.__name__ for w in caught]}
+    print(json.dumps(out))
+''')
+
+
+def test_memory_stays_bounded_for_images_just_under_pillows_bomb_limit(tmp_path):
+    """Peak resident memory of one image read, measured in a fresh process (VmHWM, reset before each read:
+    ru_maxrss of a child can report its parent's peak, and never goes down)."""
+    if not Path('/proc/self/clear_refs').exists():
+        pytest.skip('needs Linux /proc/self/clear_refs to reset the peak resident size')
+    (tmp_path / 'huge.png').write_bytes(png_bytes(13000, 13000))  # 169 M pixels: Pillow only warns (limit 179 M)
+    Image.new('RGB', (8000, 6000), (90, 160, 30)).save(tmp_path / 'big.jpg', quality=90)  # 48 M pixels
+    cap = DEFAULTS['Data']['max_image_pixels']
+    cases = [('png, capped', str(tmp_path / 'huge.png'), cap), ('jpeg, capped', str(tmp_path / 'big.jpg'), cap),
+             ('jpeg, no cap', str(tmp_path / 'big.jpg'), None)]
+    run = subprocess.run([sys.executable, '-c', PEAK_SCRIPT, json.dumps(cases)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    print(json.dumps(got))
+    assert cap == 40_000_000
+    # the 13000 x 13000 PNG (0.5 GB of pixels, 1.6 GB peak through the training transform before) is refused from
+    # its header, without Pillow's DecompressionBombWarning
+    assert got['png, capped'] == {'peak_mb': got['png, capped']['peak_mb'], 'result': 'ImageTooLarge', 'warnings': []}
+    assert got['png, capped']['peak_mb'] < 20
+    # the 48 M pixel JPEG is decoded at half its sides: 36 MB of pixels instead of 144 MB
+    assert got['jpeg, capped']['result'] == [4000, 3000, 2] and got['jpeg, no cap']['result'] == [8000, 6000, 1]
+    assert 30 < got['jpeg, capped']['peak_mb'] < 60 and got['jpeg, no cap']['peak_mb'] > 140
