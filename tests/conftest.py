@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import paddle
 import pytest
 
 from common.device import setup
+from common.fast_layers import use_fast_layers
 from common.shapes import make_shapes_dataset
 
 # The suite runs on the CPU with eager Paddle tuned as train.py tunes it (common.device.setup). Models built here
@@ -91,3 +94,28 @@ def copy_of(tmp_path):
         shutil.copytree(src, dst)
         return dst
     return copy
+
+
+def step_as_built_then_fast(model, x, kernels):
+    """[(logits, {name: gradient}) of one training step of ``model`` as built (Paddle's layers), the same after
+    use_fast_layers(model, kernels) (in place)], with the same stochastic-depth draws."""
+    results = []
+    for fast in (False, True):
+        if fast:
+            use_fast_layers(model, kernels=kernels)
+        paddle.seed(1)
+        model.clear_gradients()
+        logits = model(x)
+        logits.sum().backward()
+        results.append((logits.numpy(), {n: p.grad.numpy() for n, p in model.named_parameters()
+                                           if p.grad is not None}))
+    assert results[0][1].keys() == results[1][1].keys()
+    return results
+
+
+def assert_gradients_close(grads, reference):
+    """Every gradient within 1e-3 relative, or 1e-5 of the largest gradient of all: some biases before a BatchNorm
+    have a gradient of zero in exact arithmetic, so their own scale is rounding noise."""
+    scale = max(np.abs(g).max() for g in reference.values())
+    for key, ref in reference.items():
+        np.testing.assert_allclose(grads[key], ref, rtol=1e-3, atol=1e-5 * scale, err_msg=key)
