@@ -623,8 +623,13 @@ def _mb(n: int) -> str:
     return f'{n / 1e6:.1f} MB' if n >= 100_000 else f'{n / 1e3:.0f} kB'
 
 
-def _disk_error(action: str, prefix: str, e: OSError, needed: int) -> DiskError:
-    """One line for an OSError of a save: what failed, the folder, the space needed and free, what to do."""
+def _whole(prefix: str) -> bool:
+    return bool(prefix) and all(os.path.isfile(prefix + ext) for ext in EXTS)
+
+
+def _disk_error(action: str, prefix: str, e: OSError, needed: int, source: str = '') -> DiskError:
+    """One line for an OSError of a save (or of a copy of ``source``) to PREFIX: what failed, the folder, the space
+    needed and free, what to do, and what is still whole."""
     directory = _directory(prefix)
     free, mount = _free_bytes(directory), _mount(directory)
     space = ((f'needs about {_mb(needed)}, ' if needed else '')
@@ -644,30 +649,33 @@ def _disk_error(action: str, prefix: str, e: OSError, needed: int) -> DiskError:
     else:
         why = (f'{where}: {e.strerror or e} ({space}): set Global.output_dir to a folder on an ordinary disk'
                + (' (/proc and /sys hold no files)' if mount.split(' ')[0] in ('proc', 'sysfs') else ''))
-    kept = ('the previous checkpoint there is intact' if prefix and all(os.path.isfile(prefix + x) for x in EXTS)
-            else 'nothing was written')
+    if source:
+        kept = f'{source} is intact' + (f', and so is the previous {prefix}' if _whole(prefix) else '')
+    else:
+        kept = 'the previous checkpoint there is intact' if _whole(prefix) else 'nothing was written'
     return DiskError(f'cannot {action}: {why}; {kept}')
 
 
 class _DiskErrors:
-    """``with _DiskErrors(action, prefix, needed):`` turns an OSError of the block into one DiskError."""
+    """``with _DiskErrors(action, prefix, needed, source):`` turns an OSError of the block into one DiskError."""
 
-    def __init__(self, action: str, prefix: str, needed: int = 0):
-        self.action, self.prefix, self.needed = action, prefix, needed
+    def __init__(self, action: str, prefix: str, needed: int = 0, source: str = ''):
+        self.action, self.prefix, self.needed, self.source = action, prefix, needed, source
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, e, tb):
         if isinstance(e, OSError):
-            raise _disk_error(self.action, self.prefix, e, self.needed) from None
+            raise _disk_error(self.action, self.prefix, e, self.needed, self.source) from None
         return False
 
     def check_space(self) -> None:
         """Fail before writing when the file system has less room than the set needs."""
         free = _free_bytes(_directory(self.prefix))
         if free is not None and self.needed > free:
-            raise _disk_error(self.action, self.prefix, OSError(errno.ENOSPC, 'not enough space'), self.needed)
+            raise _disk_error(self.action, self.prefix, OSError(errno.ENOSPC, 'not enough space'), self.needed,
+                              self.source)
 
 
 def check_output_dir(directory: str) -> int:
@@ -715,7 +723,7 @@ def copy_checkpoint(src: str, dst: str) -> None:
     """dst = a copy of the complete checkpoint src, committed like a save. Every byte is read from src, checked
     against src's record and written to dst's own files: a damaged src is a CheckpointError, never a copy."""
     src, dst = str(src), str(dst)
-    with _DiskErrors(f'copy checkpoint {src} to {dst}', dst) as guard:
+    with _DiskErrors(f'copy checkpoint {src} to {dst}', dst, source=src) as guard:
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
         with _locked(src, dst):
             _recover_directory(src)

@@ -96,13 +96,17 @@ def test_a_full_disk_fails_the_save_before_writing_and_keeps_the_checkpoint(smal
     assert version_of(prefix) == 1
     # best and epoch_N are copies now (they shared latest's bytes before): the copy is checked the same way
     with pytest.raises(DiskError, match=rf'^cannot copy checkpoint {prefix} to {disk}/best: not enough space in '
-                                        rf'{disk} \(needs about 0.4 MB, 0.3 MB free on tmpfs {disk}\)'):
+                                        rf'{disk} \(needs about 0.4 MB, 0.3 MB free on tmpfs {disk}\): .*; {prefix} '
+                                        r'is intact$'):
         copy_checkpoint(prefix, str(disk / 'best'))
     assert listing(disk) == whole('latest') and version_of(prefix) == 1
     remount(disk, 'size=2m')  # space freed: the next save works
     save_checkpoint(prefix, *version_set(3))
     copy_checkpoint(prefix, str(disk / 'best'))
     assert version_of(prefix) == version_of(disk / 'best') == 3 and listing(disk) == whole('best', 'latest')
+    remount(disk, 'size=1200k')  # room for latest and best, not for a third set
+    with pytest.raises(DiskError, match=rf': .*; {prefix} is intact, and so is the previous {disk}/best$'):
+        copy_checkpoint(prefix, str(disk / 'best'))
 
 
 def test_a_disk_that_fills_during_the_save_leaves_nothing_behind(small_disk, monkeypatch):
