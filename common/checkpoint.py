@@ -524,8 +524,20 @@ def _recover(prefix: str) -> None:
 def _recover_directory(prefix: str) -> None:
     """_recover() PREFIX and every other checkpoint of its directory that a kill left unfinished (an epoch_N copy
     killed half-way, ...), for a caller that holds the directory's lock. PREFIX's own damage raises; another
-    set's is a warning, so that a damaged best does not stop a save of latest."""
-    _recover(prefix)
+    set's is a warning, so that a damaged best does not stop a save of latest. In a folder that cannot be written
+    (a read-only copy of a run), what a kill left before its commit point stays, with a warning: PREFIX.* is still
+    the previous checkpoint; a committed set that cannot be promoted there is a CheckpointError."""
+    try:
+        _recover(prefix)
+    except OSError as e:
+        if e.errno not in (getattr(errno, 'EROFS', None), errno.EACCES, errno.EPERM):
+            raise
+        if os.path.lexists(_pending(prefix, MARKER)):
+            raise CheckpointError(f'{prefix}: a save was interrupted after its commit point and cannot be finished '
+                                  f'in {_directory(prefix)} ({e.strerror}): make the folder writable, or copy it to '
+                                  f'one that is, and load it from there') from None
+        warnings.warn(f'{prefix}: the files of an interrupted save stay in {_directory(prefix)} ({e.strerror}); '
+                      f'the previous checkpoint is read')
     own = os.path.abspath(prefix)
     for other in _unfinished(_directory(prefix)):
         if os.path.abspath(other) != own:

@@ -139,6 +139,13 @@ def test_a_read_only_disk_fails_the_save_and_the_checkpoint_still_loads(small_di
         check_output_dir(str(disk))
     assert version_of(prefix) == 1  # read where no lock file can be taken
     assert {name: (disk / name).read_bytes() for name in listing(disk)} == before
+    # a kill's leftovers in a folder that cannot be written: the checkpoint before them still loads
+    remount(disk, 'rw')
+    Path(prefix + '.tmp.pdopt').write_bytes(b'half a file')
+    remount(disk, 'ro')
+    with pytest.warns(UserWarning, match=rf'^{prefix}: the files of an interrupted save stay in {disk} \(Read-only '
+                                         r'file system\); the previous checkpoint is read$'):
+        assert version_of(prefix) == 1
 
 
 def test_an_output_path_that_is_a_file_or_under_proc_is_one_error(tmp_path):
