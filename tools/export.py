@@ -429,7 +429,7 @@ def check_onnx(prefix: str, tolerance: float = 1e-5) -> Dict[str, float]:
         meta.pop('openvino_config', None)
         write_meta(prefix, meta)
         raise ExportError(f'{why}, so {prefix}.onnx was deleted; the Paddle Inference model {prefix}.json is fine '
-                          f'(tools/predict.py uses it)')
+                          f'(python -m tools.predict uses it)')
 
     meta.pop('openvino_config', None)  # set below when PREFIX.onnx passes in OpenVINO
     diffs = {}
@@ -510,8 +510,8 @@ def main(argv=None) -> Dict:
     if args.onnx is None:
         args.onnx = importlib.util.find_spec('paddle2onnx') is not None
         if not args.onnx:
-            print('note: paddle2onnx is not installed, so no PREFIX.onnx is written and tools/predict.py will use '
-                  'Paddle Inference; for the faster OpenVINO path: pip install -r requirements-deploy.txt',
+            print('note: paddle2onnx is not installed, so no PREFIX.onnx is written and python -m tools.predict will '
+                  'use Paddle Inference; for the faster OpenVINO path: pip install -r requirements-deploy.txt',
                   file=sys.stderr, flush=True)
     elif args.onnx:
         import_optional('paddle2onnx', '--onnx')  # fail before any work
@@ -557,7 +557,7 @@ def main(argv=None) -> Dict:
                 raise
             Path(prefix + '.onnx').unlink(missing_ok=True)
             onnx_file = None
-            print(f'note: no {prefix}.onnx ({e}); tools/predict.py will use the Paddle model', file=sys.stderr,
+            print(f'note: no {prefix}.onnx ({e}); python -m tools.predict will use the Paddle model', file=sys.stderr,
                   flush=True)
         else:
             files.append(onnx_file)
