@@ -7,6 +7,7 @@
 Global.pretrained_model is a weights file (.pdparams, .safetensors, .npz) or a training checkpoint prefix
 (output/run/best); from a checkpoint, Global.eval_weights picks the EMA (default) or the raw weights.
 Each process evaluates its own shard; the sums are reduced across processes, every image counted once.
+SIGTERM or Ctrl-C ends it after the batch in progress, with one line and the status 128 + the signal (143, 130).
 """
 import argparse
 import sys
@@ -14,12 +15,17 @@ import sys
 from common.checkpoint import CheckpointError, load_pretrained
 from common.config import ConfigError, add_config_args, build_model, load_config
 from common.data import DataError, SkipReport, build_dataset, build_loader
-from common.device import setup
+from common.device import Stopped, StopSignals, setup
 from common.evaluate import evaluate
 from common.fast_layers import use_fast_layers
 
 
 def main(argv=None) -> dict:
+    with StopSignals() as stop:  # a stop signal ends the evaluation after its batch in progress: Stopped
+        return evaluate_weights(argv, stop)
+
+
+def evaluate_weights(argv, stop: StopSignals) -> dict:
     parser = add_config_args(argparse.ArgumentParser(description=__doc__.split('\n')[0]))
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.override)
@@ -40,7 +46,7 @@ def main(argv=None) -> dict:
     model = use_fast_layers(model)  # the CPU kernels and memory-saving backward passes; Paddle's own ops without it
     _, _, what = load_pretrained(model, g['pretrained_model'], ema=g['eval_weights'] == 'ema')
     skipped = SkipReport(dataset, lambda msg: print(msg, file=sys.stderr, flush=True))
-    metrics = evaluate(model, loader, env.world_size, cfg['AMP'], skipped)
+    metrics = evaluate(model, loader, env.world_size, cfg['AMP'], skipped, stop)
     if env.is_main:
         print(f"{what}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
               f"({metrics['images']} images, {metrics['images_per_sec']:.1f} images/s)", flush=True)
@@ -50,5 +56,8 @@ def main(argv=None) -> dict:
 if __name__ == '__main__':
     try:
         main()
+    except Stopped as e:
+        print(f'{e}: the evaluation was interrupted, no result', file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
     except (ConfigError, DataError, CheckpointError) as e:
         sys.exit(f'error: {e}')

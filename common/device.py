@@ -1,20 +1,31 @@
 """Device and process-group selection, in one place. Every GPU path also runs on CPU (gloo), so tests on a
-CPU machine exercise the same code as a GPU cluster."""
+CPU machine exercise the same code as a GPU cluster. Also the life of a run's process: stop signals
+(StopSignals) and the lock that gives an output directory to one run (hold_output_dir)."""
 from __future__ import annotations
 
 import ctypes
 import os
 import resource
 import signal
+import socket
 import sys
+import threading
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import paddle
 import paddle.distributed as dist
 
 from common.config import ConfigError
 from common.cpu_info import cpu_cores, cpu_vendor
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs are not locked
+    fcntl = None
 
 
 @dataclass
@@ -132,3 +143,141 @@ def peak_memory_gb(device: str) -> float:
     if device == 'gpu':
         return paddle.device.cuda.max_memory_allocated() / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is in KiB on Linux
+
+
+# ------------------------------------------------------------------------------------------------ stopping
+class Stopped(Exception):
+    """A stop signal ended what was running (an evaluation); ``signum`` is the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(f'stopped by {signal.Signals(signum).name}')
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGTERM (what Slurm, Kubernetes, notebooks and paddle.distributed.launch send before a kill) and SIGINT
+    (Ctrl-C) as a request to stop at the next safe point, in a ``with`` block.
+
+    The handler only records the first signal: Python runs it in the main thread between bytecodes, so it never
+    interrupts a save or a step, and the caller decides where to stop by calling requested(). It replaces
+    Paddle's C++ SIGTERM handler, which calls backtrace() (not async-signal-safe) and deadlocks a process that the
+    signal caught inside malloc. Further signals change nothing: the stop is already on its way (SIGKILL is the
+    way to end a run at once; checkpoints survive it). DataLoader workers started by iterate() never see these
+    signals; a process forked otherwise inherits the handler, which does nothing there.
+    On leaving the block the previous handlers come back (Python's default for SIGTERM where Paddle's C++ one
+    was)."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, world_size: Optional[int] = None):
+        """``world_size``: the processes that stop together; None: those of paddle.distributed.launch's job."""
+        self.world_size = dist.get_world_size() if world_size is None else world_size
+        self.signum, self.pid, self.previous = None, os.getpid(), {}
+
+    def __enter__(self) -> 'StopSignals':
+        if threading.current_thread() is threading.main_thread():  # elsewhere Python cannot install handlers
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    def _record(self, signum, frame) -> None:
+        if os.getpid() == self.pid and self.signum is None:
+            self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ''
+
+    def requested(self) -> bool:
+        """Whether to stop here: a signal reached this process or, with several processes, any of them (an
+        all-reduce of one number, so every process must call it at the same points and they stop together)."""
+        if self.world_size == 1:
+            return self.signum is not None
+        flag = paddle.to_tensor([self.signum or 0], dtype='int32')
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        agreed = int(flag.item())  # what every process decides on: not self.signum, which a signal may set meanwhile
+        self.signum = self.signum or agreed or None
+        return agreed != 0
+
+
+def iterate(loader):
+    """The batches of ``loader`` (a paddle.io.DataLoader), its worker processes started with SIGTERM and SIGINT
+    blocked for good: Ctrl-C, or a SIGTERM that a launcher or scheduler sends to the whole process group, stops the
+    run through its main process alone. (Paddle's worker replaces the SIGTERM handler it inherits with one that
+    kills the worker, and its parent then fails at its next batch.) The workers end with the iteration, however it
+    ends (exhausted, left early, an exception: CPython closes a generator as soon as nothing refers to it), since
+    they no longer end on the SIGTERM with which multiprocessing ends daemonic children before it waits for them at
+    exit; one that has not ended 10 s after it was told to is killed."""
+    with _stop_signals_blocked():
+        batches = iter(loader)  # forks the workers
+    try:
+        yield from batches
+    finally:
+        if hasattr(batches, '_workers'):  # Paddle's multi-process iterator; its shutdown is private (as in __del__)
+            batches._try_shutdown_all(10)
+            for worker in batches._workers:
+                if worker.is_alive():
+                    worker.kill()
+        elif hasattr(batches, '_try_shutdown_all'):  # num_workers=0: a reading thread
+            batches._try_shutdown_all()
+
+
+@contextmanager
+def _stop_signals_blocked():
+    """SIGTERM and SIGINT held back during the block (one that arrives meanwhile is delivered at its end); a process
+    forked in it keeps them blocked."""
+    if not hasattr(signal, 'pthread_sigmask'):  # Windows: no process groups to signal
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, StopSignals.SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+# ------------------------------------------------------------------------------------------------ the output dir
+RUN_LOCK = '.run.lock'
+
+
+class BusyError(RuntimeError):
+    """Another run holds the output directory; the message names it."""
+
+
+@contextmanager
+def hold_output_dir(output_dir: str, command: str, enabled: bool = True):
+    """Hold OUTPUT_DIR/.run.lock (flock) for the block: a second run on the directory fails with a BusyError
+    naming the one that holds it (pid, host, start time and command, which the holder writes into the lock file).
+    The kernel releases the lock when its holder ends, however it ends (kill -9 included), so a dead run never
+    blocks the next one. Without fcntl (Windows) or on a file system without locks, the run goes unlocked."""
+    if not enabled or fcntl is None:
+        yield
+        return
+    path = Path(output_dir) / RUN_LOCK
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(f'Global.output_dir {output_dir}: cannot write there ({e.strerror or e}): choose a '
+                          f'writable directory') from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode('utf-8', 'replace').strip() or 'a run that is just starting'
+        os.close(fd)
+        raise BusyError(f'{output_dir} is in use by another run: {holder}. Wait for it to end, stop it (kill -TERM '
+                        f'PID: it stops at its next step and saves latest), or choose another Global.output_dir'
+                        ) from None
+    except OSError:  # a file system without locks (some network mounts): unlocked
+        pass
+    else:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%Y-%m-%d %H:%M:%S")}: '
+                      f'{command}\n'.encode('utf-8'), 0)
+    try:
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -2,24 +2,33 @@
 (each process evaluates its own shard, every image counted once). Used by eval.py and by train.py after each epoch.
 """
 import time
+from typing import Optional
 
 import paddle
 import paddle.distributed as dist
 import paddle.nn.functional as F
 
 from common.data import DataError, batch_is_empty
-from common.device import amp_context
+from common.device import Stopped, StopSignals, amp_context, iterate
 
 
 @paddle.no_grad()
-def evaluate(model, loader, world_size: int = 1, amp=None, report_skipped=None) -> dict:
+def evaluate(model, loader, world_size: int = 1, amp=None, report_skipped=None,
+             stop: Optional[StopSignals] = None) -> dict:
     """Top-1/top-5 accuracy (%), mean cross-entropy and throughput of ``model`` over ``loader``, which yields
-    (images (B, C, H, W), labels (B,), indices (B,), unreadable paths) as ImageDataset.collate makes them."""
+    (images (B, C, H, W), labels (B,), indices (B,), unreadable paths) as ImageDataset.collate makes them.
+    With ``stop``, a stop signal ends the evaluation after the batch in progress: Stopped is raised."""
     model.eval()
     amp_ctx = amp_context(amp)
     sums = paddle.zeros([4], dtype='float64')  # correct@1, correct@5, loss sum, images
+    # the processes' shards may differ by a batch: all of them ask (a collective) at the batches they all have
+    checks = len(loader.dataset) // world_size // loader.batch_sampler.batch_size if stop else 0
     start = time.perf_counter()
-    for images, labels, _, bad in loader:
+    batches = iterate(loader)  # its workers leave stop signals to this process
+    for batch, (images, labels, _, bad) in enumerate(batches):
+        if batch < checks and stop.requested():
+            batches.close()  # ends the loader's workers now
+            raise Stopped(stop.signum)
         if report_skipped:
             report_skipped(bad)
         if batch_is_empty(labels):
