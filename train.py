@@ -8,11 +8,16 @@
     python -m paddle.distributed.launch --master 10.0.0.1:8090 --nnodes 2 --devices 0,1,2,3,4,5,6,7 \
         train.py -c configs/maxvit_t.yaml                               # the same line on every machine
 
-main() reads top to bottom: config -> device and seed -> data -> step plan -> model, optimizer, AMP, EMA ->
-resume -> the loop: train_epoch (one epoch of optimizer steps), evaluate_epoch (the raw and EMA weights) when it
-is due, Checkpoints.save. A RunState (epoch, step, best) says where the run is and a Learner (model, optimizer,
+main() takes the stop signals and the output directory's lock, then run_training() reads top to bottom: config ->
+device and seed -> data -> step plan -> model, optimizer, AMP, EMA -> resume (check_resume: what may change) ->
+the loop: train_epoch (one epoch of optimizer steps), end_epoch (the evaluation of the raw and EMA weights when it
+is due, Checkpoints.save). A RunState (epoch, step, best) says where the run is and a Learner (model, optimizer,
 lr schedule, loss scaler, EMA) holds what its steps change; a checkpoint saves both. Only rank 0 writes logs and
 checkpoints. The recipe's numbers are in common/config.py (DEFAULTS) and configs/*.yaml.
+
+SIGTERM or Ctrl-C stops the run at the end of the optimizer step in progress (or of the evaluation batch in
+progress): latest is saved there, one line gives the command that resumes it, and the exit status is 128 + the
+signal (143, 130). docs/training.md, "Stopping, preemption and resuming", has the rules.
 
 Every random stream (dropout, drop path, Mixup) restarts at each micro-batch from (seed, epoch, micro-batch,
 rank), and each image's augmentation from (seed, epoch, image), so a run resumed from any checkpoint, at an
@@ -40,7 +45,8 @@ from common.checkpoint import (CheckpointError, adapt_state_dict, copy_checkpoin
                                recover, resolve_prefix, save_checkpoint, set_model_state)
 from common.config import ConfigError, add_config_args, build_model, load_config
 from common.data import DataError, SkipReport, batch_is_empty, build_dataset, build_loader
-from common.device import amp_context, peak_memory_gb, setup
+from common.device import (BusyError, Stopped, StopSignals, amp_context, hold_output_dir, iterate, peak_memory_gb,
+                           setup)
 from common.evaluate import evaluate
 from common.fast_layers import use_fast_layers
 from common.logger import Logger, StepTimer
@@ -97,7 +103,8 @@ def plan_steps(cfg, env, train_set, train_loader) -> dict:
     if steps_per_epoch < 1:
         raise ConfigError(f'{len(train_set)} training images make no full optimizer step of {global_batch} images: '
                           f'lower Optimizer.global_batch_size or Data.batch_size')
-    return {'accum': accum, 'global_batch': global_batch, 'steps_per_epoch': steps_per_epoch,
+    return {'accum': accum, 'global_batch': global_batch, 'batch_size': D['batch_size'],
+            'world_size': env.world_size, 'train_images': len(train_set), 'steps_per_epoch': steps_per_epoch,
             'total_steps': G['epochs'] * steps_per_epoch,
             'peak_lr': O['lr'] * global_batch / O['base_batch_size']}  # linear scaling rule
 
@@ -112,10 +119,73 @@ def resume_point(cfg, env, out_dir: Path):
     return str(out_dir / 'latest') if (out_dir / 'latest.pdstates').exists() else None
 
 
-def load_resume(resume: str, model, optimizer, scaler) -> dict:
-    """Restore model, optimizer (with its lr schedule) and loss scaler; return the checkpoint's other states."""
+# How a resumed run may differ from the run that wrote its checkpoint (docs/training.md, "Stopping, preemption and
+# resuming"). Never: Model.* (but recompute and the three regularisation keys), the classes and their order, and,
+# from a mid-epoch checkpoint, the batch plan (its position counts batches of each process's share of an order
+# that depends on the batch, the processes and the number of images). Freely, in one line: the run's length and
+# rhythm, where the data is, and how steps are computed. The rest of the recipe (learning rate, augmentation,
+# drop path, EMA, AMP, seed, a global batch changed at an epoch's end, ...) changes what the run computes:
+# refused unless -o Global.resume_changes=allow, then listed in the same line.
+RESUME_FREE = {'Global.epochs', 'Global.print_freq', 'Global.eval_freq', 'Global.save_epoch_freq',
+               'Global.save_interval_steps', 'Global.device', 'Global.use_visualdl', 'Global.to_static',
+               'Model.recompute', 'Data.format', 'Data.train_root', 'Data.val_root', 'Data.train_list',
+               'Data.val_list', 'Data.label_names', 'Data.num_workers', 'Data.use_shared_memory',
+               'processes', 'accumulation steps'}
+RESUME_NOT_COMPARED = {'Global.resume', 'Global.resume_changes', 'Global.pretrained_model',  # how a run starts
+                       'Global.output_dir'}  # a checkpoint may be resumed into another directory
+MODEL_RECIPE = {'Model.drop', 'Model.attn_drop', 'Model.drop_path'}  # regularisation: no parameters
+BATCH_PLAN = {'global_batch': 'global batch', 'batch_size': 'Data.batch_size', 'world_size': 'processes',
+              'accum': 'accumulation steps', 'train_images': 'training images'}  # plan_steps' keys
+
+
+def _listed(changes: dict) -> str:
+    """'key old -> new, ...', each value as an -o override spells it (null, true, 0.001, [7, 7])."""
+    show = lambda value: yaml.safe_dump(value, default_flow_style=True, width=10 ** 9).split('\n')[0]  # noqa: E731
+    return ', '.join(f'{key} {show(old)} -> {show(new)}' for key, (old, new) in changes.items())
+
+
+def check_resume(resume: str, states: dict, cfg: dict, class_names: List[str], plan: dict, log: Logger) -> None:
+    """Compare this run's config, classes and batch plan with those the checkpoint stores (RESUME_* above): a
+    ConfigError of one line for a change the checkpoint cannot take, else one log line listing the changes."""
+    saved, saved_plan = states.get('config') or {}, states.get('plan') or {}
+    changes = {f'{s}.{k}': (saved[s][k], v) for s, keys in cfg.items() for k, v in keys.items()
+               if k in (saved.get(s) or {}) and saved[s][k] != v and f'{s}.{k}' not in RESUME_NOT_COMPARED}
+    changes.update({BATCH_PLAN[k]: (saved_plan[k], plan[k]) for k in BATCH_PLAN
+                    if k in saved_plan and saved_plan[k] != plan[k] and BATCH_PLAN[k] not in changes})
+    refused = {k: v for k, v in changes.items() if k.startswith('Model.') and k not in RESUME_FREE | MODEL_RECIPE}
+    problems = [f'{", ".join(refused)} changed since the checkpoint ({_listed(refused)})'] if refused else []
+    old_names = states.get('class_names')
+    if old_names is not None and list(old_names) != list(class_names):
+        first = next((i for i, (a, b) in enumerate(zip(old_names, class_names)) if a != b), None)
+        problems.append('the classes changed since the checkpoint (' + (
+            f'class {first}: {old_names[first]!r} -> {class_names[first]!r}; ' if first is not None else '')
+            + f'{len(old_names)} -> {len(class_names)} classes)')
+    batch_keys = set(BATCH_PLAN.values()) if saved_plan else {'Data.batch_size', 'Optimizer.global_batch_size'}
+    batch = {k: v for k, v in changes.items() if k in batch_keys}
+    if states.get('epoch_step') and batch:
+        problems.append(f'the batch plan changed since its mid-epoch save ({_listed(batch)}), which would misplace '
+                        f'its position (epoch {states["epoch"] + 1}, step {states["epoch_step"]})')
+    if problems:
+        raise ConfigError(f'cannot resume {resume}: {"; ".join(problems)}. Resume with the checkpoint\'s settings, or '
+                          f'start a new run in another Global.output_dir (-o Global.pretrained_model={resume} '
+                          f'starts from its weights)')
+    recipe = {k: v for k, v in changes.items() if k not in RESUME_FREE}
+    if recipe and cfg['Global']['resume_changes'] != 'allow':
+        raise ConfigError(f'resuming {resume} would change its recipe: {_listed(recipe)}. Add -o '
+                          f'Global.resume_changes=allow to resume with the change, or drop it to continue as the '
+                          f'checkpoint\'s run would (docs/training.md, "Stopping, preemption and resuming")')
+    if changes:
+        log.info(f'resuming with changes: {_listed(changes)}'
+                 + (' (Global.resume_changes=allow)' if recipe else ''))
+
+
+def load_resume(resume: str, cfg: dict, class_names: List[str], plan: dict, model, optimizer, scaler,
+                log: Logger) -> dict:
+    """Check what changed since the checkpoint (check_resume), then restore model, optimizer (with its lr
+    schedule) and loss scaler; return the checkpoint's other states."""
     model_state, opt_state, states = load_checkpoint(resolve_prefix(resume))
-    set_model_state(model, adapt_state_dict(model, model_state)[0])  # strict: a changed Model.* is an error
+    check_resume(resume, states, cfg, class_names, plan, log)
+    set_model_state(model, adapt_state_dict(model, model_state)[0])  # strict: weights of another model are an error
     try:
         load_optimizer_state(optimizer, model, opt_state)
     except KeyError as e:
@@ -133,6 +203,7 @@ class RunState:
     epoch_step: int = 0  # optimizer steps done in epoch + 1: a mid-epoch checkpoint's position, else 0
     step: int = 0        # optimizer steps done in all
     best: dict = field(default_factory=lambda: {'metric': -1.0, 'epoch': 0})  # + 'weights' once evaluated
+    eval_pending: bool = False  # the evaluation due after epoch `epoch` was stopped by a signal: it comes next
 
     def keep_if_best(self, metrics: dict, eval_weights: str) -> bool:
         """Record this epoch's top-1 as the best when it beats the best so far; whether it did. The weights
@@ -160,9 +231,8 @@ class Checkpoints:
     """OUTPUT_DIR/latest after every epoch and every Global.save_interval_steps steps; best when the top-1
     improved; epoch_N every Global.save_epoch_freq epochs and after the last. Only rank 0 writes them."""
 
-    def __init__(self, cfg: dict, class_names: List[str], steps_per_epoch: int, log: Logger, enabled: bool):
-        self.cfg, self.class_names, self.steps_per_epoch, self.log, self.enabled = (
-            cfg, class_names, steps_per_epoch, log, enabled)
+    def __init__(self, cfg: dict, class_names: List[str], plan: dict, log: Logger, enabled: bool):
+        self.cfg, self.class_names, self.plan, self.log, self.enabled = cfg, class_names, plan, log, enabled
         self.dir = Path(cfg['Global']['output_dir'])
 
     def save(self, run: RunState, learner: Learner, metrics: Optional[dict] = None, is_best: bool = False) -> None:
@@ -171,14 +241,15 @@ class Checkpoints:
             return
         G, latest, epoch_end = self.cfg['Global'], str(self.dir / 'latest'), run.epoch_step == 0
         states = dict(asdict(run), metrics=metrics or {}, ema=learner.ema.state_dict() if learner.ema else None,
-                      scaler=learner.scaler.state_dict(), config=self.cfg, class_names=self.class_names)
+                      scaler=learner.scaler.state_dict(), config=self.cfg, class_names=self.class_names,
+                      plan=self.plan)
         save_checkpoint(latest, learner.model.state_dict(), optimizer_state(learner.optimizer, learner.model), states)
         if is_best:
             copy_checkpoint(latest, str(self.dir / 'best'))
         if epoch_end and due(run.epoch, G['save_epoch_freq'], G['epochs']):
             copy_checkpoint(latest, str(self.dir / f'epoch_{run.epoch}'))
         self.log.info(f'saved {latest}' + ('' if epoch_end else f' (epoch {run.epoch + 1}, step {run.epoch_step}/'
-                                                                   f'{self.steps_per_epoch})')
+                                                                   f'{self.plan["steps_per_epoch"]})')
                       + (f' and best (top-1 {run.best["metric"]:.2f}%, {run.best["weights"]})' if is_best else ''))
 
 
@@ -204,10 +275,11 @@ class GradientAllReduce:
 
 
 def train_epoch(run: RunState, learner: Learner, loader, skipped: SkipReport, cfg: dict, env, plan: dict,
-                log: Logger, timer: StepTimer, checkpoints: Checkpoints) -> List[float]:
+                log: Logger, timer: StepTimer, checkpoints: Checkpoints, stop: StopSignals) -> List[float]:
     """Epoch run.epoch + 1 from optimizer step run.epoch_step on (0, or a mid-epoch checkpoint's position): a log
     line every Global.print_freq steps, a checkpoint every Global.save_interval_steps steps. Returns the loss of
-    each optimizer step (this process); afterwards run.epoch counts this epoch."""
+    each optimizer step (this process); afterwards run.epoch counts this epoch. A stop signal ends it after the
+    optimizer step in progress, saved there (run.epoch_step > 0 then tells it apart from a finished epoch)."""
     G, D, M = cfg['Global'], cfg['Data'], cfg['Model']
     accum, steps, epoch = plan['accum'], plan['steps_per_epoch'], run.epoch
     first_micro = run.epoch_step * accum
@@ -219,7 +291,7 @@ def train_epoch(run: RunState, learner: Learner, loader, skipped: SkipReport, cf
     amp_ctx, allreduce = amp_context(cfg['AMP']), GradientAllReduce(learner.net, env.world_size, M['recompute'])
     losses, step_loss, epoch_images = [], 0.0, 0
     loss_sum, loss_n, seen, t_log = 0.0, 0, 0, time.perf_counter()  # since the last log line
-    for micro, (images, labels, _, bad) in enumerate(loader, start=first_micro):
+    for micro, (images, labels, _, bad) in enumerate(iterate(loader), start=first_micro):
         skipped(bad)
         seed = stream_seed(G['seed'], epoch, micro, env.rank)
         paddle.seed(seed)
@@ -265,8 +337,12 @@ def train_epoch(run: RunState, learner: Learner, loader, skipped: SkipReport, cf
             for name, value in (('loss', mean_loss), ('lr', lr), ('images_per_sec', ips)):
                 log.scalar(f'train/{name}', value, run.step)
             loss_sum, loss_n, seen, t_log = 0.0, 0, 0, time.perf_counter()
-        if G['save_interval_steps'] and run.step % G['save_interval_steps'] == 0 and run.epoch_step < steps:
+        stopping = stop.requested()  # asked after every step, by every process (a collective with several)
+        interval = G['save_interval_steps'] and run.step % G['save_interval_steps'] == 0
+        if run.epoch_step < steps and (stopping or interval):
             checkpoints.save(run, learner)  # mid-epoch: a killed run loses at most save_interval_steps steps
+            if stopping:
+                return losses  # the rest of the epoch follows on resume
     if skipped.count:
         log.info(f'{skipped.count} unreadable training images skipped so far')
     if epoch_images == 0:
@@ -287,19 +363,69 @@ def optimizer_step(learner: Learner) -> None:
 
 
 def evaluate_epoch(epoch: int, learner: Learner, ema_model, loader, skipped: SkipReport, cfg: dict, env,
-                   log: Logger) -> dict:
+                   log: Logger, stop: StopSignals) -> dict:
     """Top-1, top-5 and loss on the validation set of the raw weights and, with EMA, of the EMA weights (in
-    ``ema_model``), logged and written as scalars: {'raw': ..., 'ema': ...}."""
-    metrics = {'raw': evaluate(learner.model, loader, env.world_size, cfg['AMP'], skipped)}
+    ``ema_model``), logged and written as scalars: {'raw': ..., 'ema': ...}. Raises Stopped on a stop signal."""
+    metrics = {'raw': evaluate(learner.model, loader, env.world_size, cfg['AMP'], skipped, stop)}
     if learner.ema:
         ema_model.set_state_dict(learner.ema.state)
-        metrics['ema'] = evaluate(ema_model, loader, env.world_size, cfg['AMP'], skipped)
+        metrics['ema'] = evaluate(ema_model, loader, env.world_size, cfg['AMP'], skipped, stop)
     for kind, m in metrics.items():
         log.info(f'epoch {epoch} eval ({kind}): top-1 {m["top1"]:.2f}% top-5 {m["top5"]:.2f}% loss {m["loss"]:.4f} '
                  f'({m["images"]} images, {m["images_per_sec"]:.1f} img/s)')
         for name in ('top1', 'top5', 'loss'):
             log.scalar(f'eval_{kind}/{name}', m[name], epoch)
     return metrics
+
+
+def end_epoch(run: RunState, learner: Learner, ema_model, loader, skipped: SkipReport, cfg: dict, env, log: Logger,
+              timer: StepTimer, checkpoints: Checkpoints, stop: StopSignals) -> dict:
+    """After epoch run.epoch: its evaluation when it is due, then its checkpoint; the metrics (none when not
+    evaluated). A stop signal before or during the evaluation leaves it pending (run.eval_pending): the epoch's
+    training is saved, and a run resumed from there evaluates it first."""
+    G, metrics, is_best = cfg['Global'], {}, False
+    run.eval_pending = due(run.epoch, G['eval_freq'], G['epochs'])
+    if run.eval_pending and not stop.requested():
+        timer.pause()
+        try:
+            metrics = evaluate_epoch(run.epoch, learner, ema_model, loader, skipped, cfg, env, log, stop)
+        except Stopped:
+            pass
+        timer.resume(evaluated=bool(metrics))
+        if metrics:
+            run.eval_pending, is_best = False, run.keep_if_best(metrics, G['eval_weights'])
+    checkpoints.save(run, learner, metrics, is_best)
+    return metrics
+
+
+def command_line(argv) -> List[str]:
+    """This run's command as typed: python train.py ARGS (a test's main(argv) counts as train.py)."""
+    script = sys.argv[0] if argv is None and sys.argv[0].endswith('.py') else 'train.py'
+    return ['python', script] + list(sys.argv[1:] if argv is None else argv)
+
+
+def resume_command(command: List[str], world_size: int) -> str:
+    """``command`` with -o Global.resume=auto in place of its Global.resume overrides (under the launcher, the
+    launch options are not known here: the line says to repeat them)."""
+    kept, args = [], iter(command)
+    for a in args:
+        pair = [a, next(args, '')] if a in ('-o', '--override') else [a]
+        if pair[-1].split('=', 1)[0].strip() not in ('Global.resume', '-oGlobal.resume'):
+            kept += pair
+    launch = ' -m paddle.distributed.launch (its launch options)' if world_size > 1 else ''
+    return f'{kept[0]}{launch} {shlex.join(kept[1:] + ["-o", "Global.resume=auto"])}'
+
+
+def stop_line(stop: StopSignals, run: RunState, plan: dict, out_dir: Path, resume: str) -> str:
+    """The one line a stopped run ends with: where it stopped, what latest holds and the command that resumes."""
+    if not run.step:
+        where = 'before its first step'
+    elif run.epoch_step:
+        where = f'at epoch {run.epoch + 1} step {run.epoch_step}/{plan["steps_per_epoch"]}'
+    else:
+        where = f'after epoch {run.epoch}' + (' (its evaluation runs first on resume)' if run.eval_pending else '')
+    held = f'{out_dir}/latest holds step {run.step} of {plan["total_steps"]}' if run.step else 'nothing trained yet'
+    return f'stopped by {stop.name} {where}: {held}; resume: {resume}'
 
 
 def next_commands(config: str, overrides, out_dir: Path) -> str:
@@ -312,13 +438,23 @@ def next_commands(config: str, overrides, out_dir: Path) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = add_config_args(argparse.ArgumentParser(description=__doc__.split('\n')[0]))
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.override)
+    """Train as the config says; the result of run_training ('stopped': the signal that stopped the run, or None).
+    From here on a stop signal stops the run at a step boundary, saved; the output directory is this run's."""
+    with StopSignals() as stop:
+        parser = add_config_args(argparse.ArgumentParser(description=__doc__.split('\n')[0]))
+        args = parser.parse_args(argv)
+        cfg = load_config(args.config, args.override)
+        env = setup(cfg['Global']['device'])
+        command = command_line(argv)
+        with hold_output_dir(cfg['Global']['output_dir'], shlex.join(command), enabled=env.is_main):
+            return run_training(cfg, env, stop, args, resume_command(command, env.world_size))
+
+
+def run_training(cfg: dict, env, stop: StopSignals, args, resume_cmd: str) -> dict:
+    """The run ``cfg`` describes, to its last epoch or to a stop signal; ``resume_cmd`` goes in the stop line."""
     G, D, A = cfg['Global'], cfg['Data'], cfg['AMP']
 
-    # ---- device, seed, logging
-    env = setup(G['device'])
+    # ---- seed, logging
     paddle.seed(G['seed'])  # the same initial weights on every rank
     random.seed(G['seed'])
     np.random.seed(G['seed'])
@@ -357,8 +493,9 @@ def main(argv=None) -> dict:
     # ---- resume: everything that makes the continued run identical to an uninterrupted one
     run, states = RunState(), {}
     if resume:
-        states = load_resume(resume, model, optimizer, scaler)
-        run = RunState(**{k: states.get(k, 0) for k in ('epoch', 'epoch_step', 'step')}, best=states['best'])
+        states = load_resume(resume, cfg, train_set.class_names, plan, model, optimizer, scaler, log)
+        run = RunState(**{k: states.get(k, 0) for k in ('epoch', 'epoch_step', 'step')}, best=states['best'],
+                       eval_pending=states.get('eval_pending', False))
         log.info(f'resumed {resume}: epoch {run.epoch}' + (f' (+{run.epoch_step} steps)' if run.epoch_step else '')
                  + f', step {run.step}, best {run.best["metric"]:.2f}')
     ema = ModelEma(model, cfg['EMA']['decay']) if cfg['EMA']['decay'] > 0 else None  # from the loaded weights
@@ -370,30 +507,43 @@ def main(argv=None) -> dict:
         log.info('compiled: paddle.jit.to_static (the first step of each input shape, train and eval, traces it)')
     net = paddle.DataParallel(model) if env.world_size > 1 else model
     learner = Learner(model, net, optimizer, schedule, scaler, ema)
-    checkpoints = Checkpoints(cfg, train_set.class_names, plan['steps_per_epoch'], log, enabled=env.is_main)
+    checkpoints = Checkpoints(cfg, train_set.class_names, plan, log, enabled=env.is_main)
 
-    # ---- the loop: an epoch, the evaluation when it is due, a checkpoint
+    # ---- the loop: an epoch, then its evaluation when due and a checkpoint; a stop signal ends it at a step
     metrics, history = {}, []  # history: training loss of every optimizer step (this process)
-    evals_left = sum(due(e, G['eval_freq'], G['epochs']) for e in range(run.epoch + 1, G['epochs'] + 1))
+    evals_left = run.eval_pending + sum(due(e, G['eval_freq'], G['epochs']) for e in range(run.epoch + 1,
+                                                                                             G['epochs'] + 1))
     timer = StepTimer(steps_left=plan['total_steps'] - run.step, evals_left=evals_left)
-    while run.epoch < G['epochs']:
-        history += train_epoch(run, learner, train_loader, skipped, cfg, env, plan, log, timer, checkpoints)
-        metrics, is_best = {}, False  # the checkpoint's metrics are this epoch's, or none
-        if due(run.epoch, G['eval_freq'], G['epochs']):
-            timer.pause()
-            metrics = evaluate_epoch(run.epoch, learner, ema_model, val_loader, skipped_val, cfg, env, log)
-            timer.resume(evaluated=True)
-            is_best = run.keep_if_best(metrics, G['eval_weights'])
-        checkpoints.save(run, learner, metrics, is_best)
-    log.info(f'done: best top-1 {run.best["metric"]:.2f}% at epoch {run.best["epoch"]} ({out_dir}/best)')
-    log.info(next_commands(args.config, args.override, out_dir))
+    end = (learner, ema_model, val_loader, skipped_val, cfg, env, log, timer, checkpoints, stop)  # end_epoch's
+    if run.eval_pending:  # a stop signal interrupted the evaluation of the checkpoint's epoch: it comes first
+        metrics = end_epoch(run, *end)
+    while run.epoch < G['epochs'] and not stop.requested():
+        history += train_epoch(run, learner, train_loader, skipped, cfg, env, plan, log, timer, checkpoints, stop)
+        if run.epoch_step:  # stopped mid-epoch (saved)
+            break
+        metrics = end_epoch(run, *end)
+    stopped = stop.signum if run.epoch < G['epochs'] or run.eval_pending else None  # else nothing was left to do
+    if stopped:
+        log.info(stop_line(stop, run, plan, out_dir, resume_cmd))
+    else:
+        log.info(f'done: best top-1 {run.best["metric"]:.2f}% at epoch {run.best["epoch"]} ({out_dir}/best)')
+        log.info(next_commands(args.config, args.override, out_dir))
     log.close()
     return {'best': run.best, 'metrics': metrics, 'step': run.step, 'history': history, 'model': model,
-            'global_batch': plan['global_batch'], 'steps_per_epoch': plan['steps_per_epoch']}
+            'global_batch': plan['global_batch'], 'steps_per_epoch': plan['steps_per_epoch'], 'stopped': stopped}
+
+
+def cli(argv=None) -> int:
+    """train.py as a command; its exit status: 0 when the run has finished; 128 + the signal's number when a stop
+    signal stopped it (143 SIGTERM, 130 SIGINT: the shell's convention, which a scheduler's requeue logic can
+    read; OUTPUT_DIR/latest holds where it stopped); 1 after one 'error:' line on stderr."""
+    try:
+        out = main(argv)
+    except (ConfigError, DataError, CheckpointError, FloatingPointError, BusyError) as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        return 1
+    return 128 + out['stopped'] if out['stopped'] else 0
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
-        sys.exit(f'error: {e}')
+    sys.exit(cli())

@@ -52,6 +52,10 @@ class Global(_Section):
                                               description='weights to initialise from (fine-tuning), or to evaluate')
     resume: Optional[_Path] = Field(None, examples=['auto'], description="a checkpoint prefix to resume, or 'auto' "
                                                                          "for OUTPUT_DIR/latest")
+    resume_changes: Literal['refuse', 'allow'] = Field(
+        'refuse', description="'allow': resume with a changed recipe (lr, augmentation, drop path, ...); the model, "
+                              "the classes and a mid-epoch batch plan never change (docs/training.md, Stopping, "
+                              "preemption and resuming)")
     eval_weights: Literal['ema', 'raw'] = Field('ema', description='eval.py: the weights of a training checkpoint')
     max_steps_per_epoch: Optional[int] = Field(None, gt=0, examples=[100],
                                                description='a cap on optimizer steps per epoch, for smoke tests and '
