@@ -10,12 +10,19 @@ Each process evaluates its own shard; the sums are reduced across processes, eve
 SIGTERM or Ctrl-C ends it after the batch in progress, with one line and the status 128 + the signal (143, 130).
 """
 import argparse
+import signal
 import sys
+
+if __name__ == '__main__' and hasattr(signal, 'pthread_sigmask'):
+    # Stop signals wait while Python imports Paddle (a second or so) until main() takes them (StopSignals), so one
+    # sent meanwhile ends the evaluation at its first batch. (Paddle's import installs a C++ SIGTERM handler that can
+    # deadlock, and Ctrl-C would end an import with a traceback.)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 from common.checkpoint import CheckpointError, load_pretrained
 from common.config import ConfigError, add_config_args, build_model, load_config
 from common.data import DataError, SkipReport, build_dataset, build_loader
-from common.device import Stopped, StopSignals, setup
+from common.device import Stopped, StopSignals, ignore_stop_signals, setup
 from common.evaluate import evaluate
 from common.fast_layers import use_fast_layers
 
@@ -61,3 +68,5 @@ if __name__ == '__main__':
         sys.exit(128 + e.signum)
     except (ConfigError, DataError, CheckpointError) as e:
         sys.exit(f'error: {e}')
+    finally:
+        ignore_stop_signals()  # the evaluation is over; its exit status says how it ended

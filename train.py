@@ -27,12 +27,19 @@ import argparse
 import math
 import random
 import shlex
+import signal
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
+
+if __name__ == '__main__' and hasattr(signal, 'pthread_sigmask'):
+    # Stop signals wait while Python imports Paddle (a second or so) until main() takes them (StopSignals), so one
+    # sent meanwhile stops the run before its first step. (Paddle's import installs a C++ SIGTERM handler that can
+    # deadlock, and Ctrl-C would end an import with a traceback.)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 import common  # noqa: F401  (first: it silences known third-party noise before Paddle loads)
 import numpy as np
@@ -45,8 +52,8 @@ from common.checkpoint import (CheckpointError, adapt_state_dict, copy_checkpoin
                                recover, resolve_prefix, save_checkpoint, set_model_state)
 from common.config import ConfigError, add_config_args, build_model, load_config
 from common.data import DataError, SkipReport, batch_is_empty, build_dataset, build_loader
-from common.device import (BusyError, Stopped, StopSignals, amp_context, hold_output_dir, iterate, peak_memory_gb,
-                           setup)
+from common.device import (BusyError, Stopped, StopSignals, amp_context, hold_output_dir, ignore_stop_signals, iterate,
+                           peak_memory_gb, setup)
 from common.evaluate import evaluate
 from common.fast_layers import use_fast_layers
 from common.logger import Logger, StepTimer
@@ -542,6 +549,8 @@ def cli(argv=None) -> int:
     except (ConfigError, DataError, CheckpointError, FloatingPointError, BusyError) as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         return 1
+    finally:
+        ignore_stop_signals()  # the run is over; its exit status says how it ended
     return 128 + out['stopped'] if out['stopped'] else 0
 
 

@@ -177,6 +177,8 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():  # elsewhere Python cannot install handlers
             for sig in self.SIGNALS:
                 self.previous[sig] = signal.signal(sig, self._record)
+            if hasattr(signal, 'pthread_sigmask'):  # what train.py and eval.py held back while importing comes now
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -201,6 +203,13 @@ class StopSignals:
         agreed = int(flag.item())  # what every process decides on: not self.signum, which a signal may set meanwhile
         self.signum = self.signum or agreed or None
         return agreed != 0
+
+
+def ignore_stop_signals() -> None:
+    """For a command whose run is over: a stop signal while the interpreter exits (its loader workers, its
+    atexit work) would only turn the exit status into 'killed by a signal'."""
+    for sig in StopSignals.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def iterate(loader):

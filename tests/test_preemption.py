@@ -267,6 +267,27 @@ def test_a_signal_during_evaluation_saves_the_epoch_and_the_resumed_run_evaluate
     assert_same_run(reference, out)
 
 
+def test_a_signal_while_python_imports_stops_the_run_before_its_first_step(shapes, tmp_path):
+    out = tmp_path / 'out'
+    run = subprocess.Popen([sys.executable, 'train.py'] + quickstart_args(*shapes, out, *COMMON), cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def held_back() -> bool:  # whether train.py (not the child before its exec) holds back SIGINT and SIGTERM
+        status, cmdline = (Path(f'/proc/{run.pid}/{name}').read_bytes() for name in ('status', 'cmdline'))
+        mask = int(re.search(rb'^SigBlk:\s*([0-9a-f]+)$', status, re.M)[1], 16)
+        stop_signals = 1 << (signal.SIGINT - 1) | 1 << (signal.SIGTERM - 1)
+        return b'train.py' in cmdline and mask == stop_signals  # (Paddle blocks all for a moment at times)
+    deadline = time.time() + 30
+    while not held_back():  # train.py holds them back while it imports Paddle
+        assert run.poll() is None and time.time() < deadline
+    os.kill(run.pid, signal.SIGINT)
+    console, _ = run.communicate(timeout=120)
+    assert run.returncode == 128 + signal.SIGINT
+    assert_clean(console)  # no KeyboardInterrupt out of an import, no C++ banner
+    assert console.count('stopped by SIGINT before its first step: nothing trained yet; resume: python train.py ') == 1
+    assert not (out / 'latest.pdparams').exists()
+
+
 def test_eval_py_ends_on_a_signal_with_one_line(shapes, tmp_path, reference):
     run = Hooked(shapes, tmp_path / 'eval', f'Global.pretrained_model={reference}/latest', script='eval.py',
                  eval_s=0.5)
