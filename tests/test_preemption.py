@@ -65,6 +65,7 @@ STOP_LINE = re.compile(r'stopped by (SIG[A-Z]+) (?:at epoch (\d+) step (\d+)/7|a
 
 class Hooked:
     """A train.py or eval.py process started through HOOKED, its console in files."""
+    started = []  # what no_process_left ends after each test
 
     def __init__(self, shapes, out: Path, *overrides, script='train.py', step_s=0.0, eval_s=0.0, save_s=0.0,
                  new_session=False, launch=False):
@@ -79,8 +80,10 @@ class Hooked:
                    str(self.logs / 'launch'), str(self.logs / 'hooked.py')]
         else:
             cmd = [sys.executable, '-c', HOOKED]
-        self.proc = subprocess.Popen(cmd + hooks + args, cwd=ROOT, stdout=open(self.logs / 'stdout', 'w'),
-                                     stderr=open(self.logs / 'stderr', 'w'), start_new_session=new_session)
+        self.files = [open(self.logs / name, 'w') for name in ('stdout', 'stderr')]
+        self.proc = subprocess.Popen(cmd + hooks + args, cwd=ROOT, stdout=self.files[0], stderr=self.files[1],
+                                     start_new_session=new_session)
+        Hooked.started.append(self)
 
     def wait_for(self, ready, what: str, seconds: float = 120) -> None:
         deadline = time.time() + seconds
@@ -106,6 +109,19 @@ class Hooked:
 
     def console(self) -> str:
         return (self.logs / 'stdout').read_text() + (self.logs / 'stderr').read_text()
+
+
+@pytest.fixture(autouse=True)
+def no_process_left():
+    """A run that a failed test left going is killed (its trainers and workers die with it); files are closed."""
+    yield
+    while Hooked.started:
+        run = Hooked.started.pop()
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+        for f in run.files:
+            f.close()
 
 
 def descendants(pid: int):
