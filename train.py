@@ -48,8 +48,8 @@ import paddle.nn.functional as F
 import yaml
 from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_gradients
 
-from common.checkpoint import (CheckpointError, adapt_state_dict, copy_checkpoint, load_checkpoint, load_pretrained,
-                               recover, resolve_prefix, save_checkpoint, set_model_state)
+from common.checkpoint import (CheckpointError, adapt_state_dict, check_output_dir, copy_checkpoint, load_checkpoint,
+                               load_pretrained, recover, resolve_prefix, save_checkpoint, set_model_state)
 from common.config import ConfigError, add_config_args, build_model, load_config
 from common.data import DataError, SkipReport, batch_is_empty, build_dataset, build_loader
 from common.device import (BusyError, Stopped, StopSignals, amp_context, hold_output_dir, ignore_stop_signals, iterate,
@@ -119,10 +119,10 @@ def plan_steps(cfg, env, train_set, train_loader) -> dict:
 def resume_point(cfg, env, out_dir: Path):
     """The checkpoint to resume: Global.resume, or OUTPUT_DIR/latest when it is 'auto' and one exists."""
     resume = cfg['Global']['resume']
+    with env.main_first():  # rank 0 finishes or discards the saves a kill interrupted (leftovers of every
+        recover(str(out_dir / 'latest'))  # checkpoint in the folder) before the others look
     if resume != 'auto':
         return resume
-    with env.main_first():  # rank 0 finishes or discards a save that a kill interrupted, before the others look
-        recover(str(out_dir / 'latest'))
     return str(out_dir / 'latest') if (out_dir / 'latest.pdstates').exists() else None
 
 
@@ -452,12 +452,15 @@ def main(argv=None) -> dict:
         args = parser.parse_args(argv)
         cfg = load_config(args.config, args.override)
         env = setup(cfg['Global']['device'])
-        command = command_line(argv)
-        with hold_output_dir(cfg['Global']['output_dir'], shlex.join(command), enabled=env.is_main):
-            return run_training(cfg, env, stop, args, resume_command(command, env.world_size))
+        command, G = command_line(argv), cfg['Global']
+        if env.is_main:  # a read-only, full or unusable folder: one error line before any work
+            check_output_dir(G['output_dir'])
+        with hold_output_dir(G['output_dir'], shlex.join(command), enabled=env.is_main), \
+                Logger(G['output_dir'], enabled=env.is_main, use_visualdl=G['use_visualdl']) as log:
+            return run_training(cfg, env, stop, args, resume_command(command, env.world_size), log)
 
 
-def run_training(cfg: dict, env, stop: StopSignals, args, resume_cmd: str) -> dict:
+def run_training(cfg: dict, env, stop: StopSignals, args, resume_cmd: str, log: Logger) -> dict:
     """The run ``cfg`` describes, to its last epoch or to a stop signal; ``resume_cmd`` goes in the stop line."""
     G, D, A = cfg['Global'], cfg['Data'], cfg['AMP']
 
@@ -466,7 +469,6 @@ def run_training(cfg: dict, env, stop: StopSignals, args, resume_cmd: str) -> di
     random.seed(G['seed'])
     np.random.seed(G['seed'])
     out_dir = Path(G['output_dir'])
-    log = Logger(str(out_dir), enabled=env.is_main, use_visualdl=G['use_visualdl'])
     if env.is_main:
         (out_dir / 'config.yaml').write_text(yaml.safe_dump(cfg, sort_keys=False))
     log.info(f'{args.config} on {env.world_size} x {env.device}, Paddle {paddle.__version__}, output {out_dir}')
@@ -535,7 +537,6 @@ def run_training(cfg: dict, env, stop: StopSignals, args, resume_cmd: str) -> di
     else:
         log.info(f'done: best top-1 {run.best["metric"]:.2f}% at epoch {run.best["epoch"]} ({out_dir}/best)')
         log.info(next_commands(args.config, args.override, out_dir))
-    log.close()
     return {'best': run.best, 'metrics': metrics, 'step': run.step, 'history': history, 'model': model,
             'global_batch': plan['global_batch'], 'steps_per_epoch': plan['steps_per_epoch'], 'stopped': stopped}
 

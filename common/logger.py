@@ -2,6 +2,7 @@
 VisualDL scalars under OUTPUT_DIR/vdl (`visualdl --logdir OUTPUT_DIR/vdl`). Other ranks stay silent."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import sys
 import time
@@ -29,9 +30,17 @@ class Logger:
         if self.tty:
             sys.stdout.write('\r\033[K')  # clear a progress bar
         print(line, flush=True)
+        self._to_file(line)
+
+    def _to_file(self, line: str) -> None:
+        """Append to train.log; a full or vanished disk stops the file, not the run (the console still has it)."""
         if self.file:
-            self.file.write(line + '\n')
-            self.file.flush()
+            try:
+                self.file.write(line + '\n')
+                self.file.flush()
+            except OSError as e:
+                print(f'note: train.log can no longer be written ({e}); the log goes on here only', file=sys.stderr)
+                self.file = None
 
     def progress(self, done: int, total: int, text: str = '') -> None:
         """A one-line bar, only when the console is a terminal (not in logs or pipes)."""
@@ -48,7 +57,19 @@ class Logger:
         if self.vdl:
             self.vdl.close()
         if self.file:
-            self.file.close()
+            with contextlib.suppress(OSError):
+                self.file.close()
+            self.file = None
+
+    def __enter__(self) -> 'Logger':
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """Close; an exception that ends the run leaves its 'error:' line in train.log too (the command prints it
+        on the console), so the log says how the run ended."""
+        if error is not None and self.enabled and not isinstance(error, (KeyboardInterrupt, SystemExit)):
+            self._to_file(f'[{time.strftime("%Y-%m-%d %H:%M:%S")}] error: {error}')
+        self.close()
 
 
 class StepTimer:

@@ -1,6 +1,7 @@
 """train.py / eval.py: real runs of a tiny MaxViT on real image files."""
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -222,6 +223,9 @@ def test_missing_dataset_names_the_path_and_the_docs(train_args, tmp_path):
         train.main(train_args(f'Data.train_root={tmp_path / "nowhere"}'))
     with pytest.raises(DataError, match=r'file list not found: .*train.txt'):
         train.main(train_args('Data.format=filelist', f'Data.train_list={tmp_path / "train.txt"}'))
+    # the error line that ends the run is in train.log too, as the last line
+    last = (tmp_path / 'out' / 'train.log').read_text().rstrip().splitlines()[-1]
+    assert re.fullmatch(r'\[[0-9: -]+\] error: file list not found: .*train\.txt.*', last), last
 
 
 def test_corrupt_image_is_reported_once_and_skipped(train_args, shapes, copy_of, tmp_path):
