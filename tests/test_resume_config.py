@@ -12,6 +12,7 @@ from common.checkpoint import load_checkpoint
 from common.config import ConfigError, load_config
 from common.logger import Logger
 from common.optim import cosine_lr
+from common.resume import check_resume
 from conftest import ROOT, TINY, quickstart_args
 
 
@@ -125,7 +126,7 @@ def test_processes_and_images_against_the_stored_plan(epoch_step, world_size, ac
     states = {'config': cfg, 'class_names': ['a', 'b'], 'plan': plan, 'epoch': 1, 'epoch_step': epoch_step}
     now = dict(plan, world_size=world_size, accum=accum, train_images=images)
     try:
-        train.check_resume('ckpt', states, cfg, ['a', 'b'], now, Logger(None))
+        check_resume('ckpt', states, cfg, ['a', 'b'], now, Logger(None))
     except ConfigError as e:
         assert outcome in str(e)
     else:
