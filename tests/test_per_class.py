@@ -176,3 +176,18 @@ def test_two_processes_reduce_the_matrix(two_process_run):
     m = states['metrics']['raw']
     assert m['confusion'].shape == (10, 10) and m['confusion'].sum() == m['images']
     assert 100 * np.trace(m['confusion']) / m['images'] == pytest.approx(m['top1'])
+
+
+def test_log_confusion_writes_the_picture_to_visualdl(tmp_path):
+    import io
+    from visualdl import LogReader
+    from common.logger import Logger
+    with Logger(str(tmp_path), use_visualdl=True) as log:
+        confusion.log_confusion(log, 'eval_ema/confusion', EXPECTED, NAMES, 3)
+    with Logger(str(tmp_path / 'off'), use_visualdl=False) as log:
+        confusion.log_confusion(log, 'eval_ema/confusion', EXPECTED, NAMES, 3)  # no VisualDL writer: nothing
+    [record] = LogReader(file_path=str(next((tmp_path / 'vdl').iterdir()))).get_data('image', 'eval_ema/confusion')
+    assert record.id == 3
+    logged = Image.open(io.BytesIO(record.image.encoded_image_string)).convert('RGB')
+    np.testing.assert_array_equal(np.asarray(logged), np.asarray(confusion.picture(EXPECTED, NAMES)))
+    assert not (tmp_path / 'off' / 'vdl').exists()
