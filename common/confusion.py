@@ -5,9 +5,9 @@ prints, the matrix as CSV and as a PNG heat map (Pillow only), and the same pict
 The picture: the matrix is row-normalised, so a cell's colour is the share of the true class's images (its row)
 whose top-1 was the column's class, from white (0%) through light blue to dark blue (100%) on one linear scale
 (``colour``), drawn as a colour bar with 0/25/50/75/100% beside the matrix. Each class is a square of ``cell``
-pixels (32 for up to 25 classes, 800 // classes below that, at least 1: one pixel per cell above 800 classes). A
+pixels (32 for up to 25 classes, 800 // classes above that: one pixel per cell from 401 classes on). A
 class with no validation image has a grey row (no share to show). Class names label the rows and columns when a
-cell is at least as tall as a line of text (about 60 classes or fewer), cut to 24 characters.
+cell is at least as tall as a line of text (up to 66 classes), cut to 24 characters.
 """
 from __future__ import annotations
 
