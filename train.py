@@ -50,7 +50,7 @@ from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_
 
 from common.checkpoint import (CheckpointError, adapt_state_dict, check_output_dir, copy_checkpoint, load_checkpoint,
                                load_pretrained, recover, resolve_prefix, save_checkpoint, set_model_state)
-from common.config import ConfigError, add_config_args, build_model, load_config
+from common.config import AUTO, ConfigError, add_config_args, build_model, load_config, resolve_num_classes
 from common.data import DataError, SkipReport, batch_is_empty, build_dataset, build_loader
 from common.device import (BusyError, Stopped, StopSignals, amp_context, hold_output_dir, ignore_stop_signals, iterate,
                            peak_memory_gb, setup)
@@ -58,7 +58,8 @@ from common.evaluate import evaluate
 from common.fast_layers import use_fast_layers
 from common.logger import Logger, StepTimer
 from common.mixup import Mixup
-from common.optim import ModelEma, build_optimizer, load_optimizer_state, optimizer_state
+from common.optim import (ModelEma, build_optimizer, load_optimizer_state, optimizer_state, schedule_lines,
+                          warmup_steps)
 from common.resume import check_resume
 
 
@@ -80,30 +81,39 @@ def due(epoch: int, every: int, epochs: int) -> bool:
 
 
 def build_data(cfg, env, log):
-    """Training and validation sets and loaders; checks that both have the model's classes."""
+    """Training and validation sets and loaders; Model.num_classes from the training data ('auto') or checked
+    against it; Data.batch_size capped to a training set smaller than one batch of every process."""
     D = cfg['Data']
     with env.main_first():  # rank 0 writes the built-in dataset when it is missing; the others wait and read it
         train_set, val_set = build_dataset(cfg, 'train', log.info), build_dataset(cfg, 'val', log.info)
-    num_classes = cfg['Model']['num_classes']
-    if num_classes != len(train_set.class_names):
-        raise ConfigError(f"Model.num_classes is {num_classes} but {D['train_root']} has {len(train_set.class_names)} "
-                          f"classes: set -o Model.num_classes={len(train_set.class_names)}")
+    auto = cfg['Model']['num_classes'] == AUTO
+    found = resolve_num_classes(cfg, train_set.class_names, D['train_root'])
+    if auto:
+        log.info(f"Model.num_classes: {found}, the classes of {D['train_root']} (auto)")
     # a missing class folder would shift every label after it (a file list may just lack the last classes)
     names, val_names = train_set.class_names, val_set.class_names
     if val_names != names[:len(val_names)] or (D['format'] != 'filelist' and len(val_names) != len(names)):
         raise DataError(f"the validation classes ({len(val_names)}, {D['val_root']}) are not the training "
                         f"classes ({len(names)}, {D['train_root']}): both need the same class folders or label "
                         f"names (docs/training.md, Preparing data)")
+    per_process = len(train_set) // env.world_size
+    if 1 <= per_process < D['batch_size']:  # the loader drops a last partial batch: none would be left
+        log.info(f"Data.batch_size {D['batch_size']} capped to {per_process}: {len(train_set)} training images "
+                 f"for {env.world_size} process(es)")
+        D['batch_size'] = per_process
     train_loader = build_loader(train_set, cfg, train=True, rank=env.rank, world_size=env.world_size)
     val_loader = build_loader(val_set, cfg, train=False, rank=env.rank, world_size=env.world_size)
     return train_set, val_set, train_loader, val_loader
 
 
 def plan_steps(cfg, env, train_set, train_loader) -> dict:
-    """Global batch = batch per process x processes x accumulation steps; steps per epoch; the peak lr."""
+    """Global batch = batch per process x processes x accumulation steps; steps per epoch; the warmup in steps; the
+    peak lr. The accumulation is capped to the batches of an epoch: a dataset smaller than Optimizer.global_batch_size
+    trains with a global batch of all its images (logged with the schedule)."""
     D, O, G = cfg['Data'], cfg['Optimizer'], cfg['Global']
     per_step = D['batch_size'] * env.world_size
     accum = max(1, round(O['global_batch_size'] / per_step)) if O['global_batch_size'] else 1
+    accum = max(1, min(accum, len(train_loader)))
     global_batch = per_step * accum
     steps_per_epoch = len(train_loader) // accum
     if G['max_steps_per_epoch']:
@@ -113,7 +123,7 @@ def plan_steps(cfg, env, train_set, train_loader) -> dict:
                           f'lower Optimizer.global_batch_size or Data.batch_size')
     return {'accum': accum, 'global_batch': global_batch, 'batch_size': D['batch_size'],
             'world_size': env.world_size, 'train_images': len(train_set), 'steps_per_epoch': steps_per_epoch,
-            'total_steps': G['epochs'] * steps_per_epoch,
+            'total_steps': G['epochs'] * steps_per_epoch, 'warmup_steps': warmup_steps(cfg, steps_per_epoch),
             'peak_lr': O['lr'] * global_batch / O['base_batch_size']}  # linear scaling rule
 
 
@@ -403,7 +413,7 @@ def main(argv=None) -> dict:
 
 def run_training(cfg: dict, env, stop: StopSignals, args, resume_cmd: str, log: Logger) -> dict:
     """The run ``cfg`` describes, to its last epoch or to a stop signal; ``resume_cmd`` goes in the stop line."""
-    G, D, A = cfg['Global'], cfg['Data'], cfg['AMP']
+    G, D, A, O = cfg['Global'], cfg['Data'], cfg['AMP'], cfg['Optimizer']
 
     # ---- seed, logging
     paddle.seed(G['seed'])  # the same initial weights on every rank
@@ -422,6 +432,12 @@ def run_training(cfg: dict, env, stop: StopSignals, args, resume_cmd: str, log: 
              f'batch {plan["global_batch"]} = {D["batch_size"]} x {env.world_size} processes x {plan["accum"]} '
              f'accumulation; {plan["steps_per_epoch"]} steps/epoch, {plan["total_steps"]} steps; peak lr '
              f'{plan["peak_lr"]:.3g}')
+    if O['global_batch_size'] and plan['accum'] < round(O['global_batch_size'] / (D['batch_size'] * env.world_size)):
+        log.info(f'global batch {plan["global_batch"]}, not Optimizer.global_batch_size {O["global_batch_size"]}: '
+                 f'capped to the {len(train_set)} training images (one optimizer step per epoch)')
+    schedule, warnings = schedule_lines(cfg, plan)
+    for line in [schedule] + warnings:
+        log.info(line)
 
     # ---- model, optimizer, AMP, EMA
     resume = resume_point(cfg, env, out_dir)

@@ -1,11 +1,13 @@
 """Configs: YAML files with PaddleClas-style sections, `-o Section.key=value` overrides, strict validation.
 
 The Model section is maxvit's own argument dict: its keys are maxvit.DEFAULT_ARGS and maxvit.check_args checks
-them. Every other section is a pydantic model below (Global, Data, Optimizer, EMA, AMP), whose fields list every key
-with its default, its type, its rule and a description. A key that is not there is an error naming the closest
-valid key; a value must have the key's type (an int is accepted for a float), and then meet its rule: a range, a
-choice, or a cross-key rule (Optimizer.min_lr <= lr; Data.mean/std of Model.input_dim values; Data.img_size >= the
-model's stride; Global.to_static not with Model.recompute). A file, and an override's value, is read by a YAML
+them, except that Model.num_classes may be 'auto' (AUTO): train.py sets it to the classes of the training data
+(resolve_num_classes) before building the model. Every other section is a pydantic model below (Global, Data,
+Optimizer, EMA, AMP), whose fields list every key with its default, its type, its rule and a description. A key
+that is not there is an error naming the closest valid key; a value must have the key's type (an int is accepted
+for a float), and then meet its rule: a range, a choice, or a cross-key rule (Optimizer.min_lr <= lr; exactly one
+of Optimizer.warmup_steps and warmup_epochs; Data.mean/std of Model.input_dim values; Data.img_size >= the model's
+stride; Global.to_static not with Model.recompute). A file, and an override's value, is read by a YAML
 SafeLoader that refuses duplicate keys and reads 1e-3 as a number (never eval). Every error is one ConfigError line
 naming the file (or the -o override), the key, its value and what it must be, e.g.
     -o Optimizer.lr=-1: Optimizer.lr is -1.0; it must be > 0 (the peak learning rate at Optimizer.base_batch_size, ...)
@@ -20,7 +22,11 @@ import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
+from common.checkpoint import checkpoint_prefix, load_file
 from maxvit import DEFAULT_ARGS, ArgumentError, MaxViT, check_args
+
+
+AUTO = 'auto'  # Model.num_classes: as many as the training data has
 
 
 class ConfigError(ValueError):
@@ -150,7 +156,13 @@ class Optimizer(_Section):
     global_batch_size: Optional[int] = Field(4096, gt=0, description='gradient accumulation reaches it; null: no '
                                                                      'accumulation')
     min_lr: float = Field(1e-5, description='the learning rate at the end of the cosine decay')  # <= lr
-    warmup_steps: int = Field(10000, ge=0, description='linear warmup, in optimizer steps')
+    warmup_epochs: Optional[float] = Field(None, ge=0, examples=[1.0],
+                                           description='linear warmup, in epochs of this run (a fraction is fine: '
+                                                       'rounded to optimizer steps); null when '
+                                                       'Optimizer.warmup_steps gives it')
+    warmup_steps: Optional[int] = Field(10000, ge=0, examples=[10000],
+                                        description='linear warmup, in optimizer steps; null when '
+                                                    'Optimizer.warmup_epochs gives it')
     weight_decay: float = Field(0.05, ge=0, description='AdamW weight decay; not applied to biases, norms and '
                                                         'relative bias tables')
     beta1: float = Field(0.9, ge=0, lt=1, description='AdamW first-moment decay')
@@ -164,6 +176,19 @@ class Optimizer(_Section):
         lr = info.data.get('lr')  # absent when lr itself is wrong: that error is reported
         if lr is not None and not 0 <= value <= lr:
             raise ValueError(f'>= 0 and <= Optimizer.lr ({lr!r}) (the learning rate at the end of the cosine decay)')
+        return value
+
+    @field_validator('warmup_steps')
+    @classmethod
+    def _one_warmup(cls, value, info: ValidationInfo):
+        if 'warmup_epochs' not in info.data:  # warmup_epochs itself is wrong: that is reported
+            return value
+        epochs = info.data['warmup_epochs']
+        if value is not None and epochs is not None:
+            raise ValueError(f'null when Optimizer.warmup_epochs is set ({epochs!r}): the warmup is given in steps or '
+                             f'in epochs, not both')
+        if value is None and epochs is None:
+            raise ValueError('an int >= 0 when Optimizer.warmup_epochs is null (the warmup in optimizer steps)')
         return value
 
 
@@ -292,12 +317,18 @@ def validate(cfg, sources: Optional[Dict[tuple, str]] = None, origin: Optional[s
                                         f"{{{next(iter(DEFAULTS[section]))}: ...}}")
     given = {section: copy.deepcopy(cfg.get(section) or {}) for section in DEFAULTS}
     out = {}
+    auto = given['Model'].get('num_classes') == AUTO  # the training data decides it (resolve_num_classes)
+    if auto:
+        given['Model']['num_classes'] = 1  # checked as a number; 'auto' again below
     try:  # first: the other sections' rules read it
         out['Model'] = check_args(given['Model'])
     except KeyError:
         unknown('Model', next(k for k in given['Model'] if k not in DEFAULT_ARGS), DEFAULT_ARGS)
     except ArgumentError as e:
-        fail('Model', e.key, e.value, e.allowed)
+        fail('Model', e.key, e.value, e.allowed + (f" or '{AUTO}' (the classes of the training data)"
+                                                   if e.key == 'num_classes' else ''))
+    if auto:
+        out['Model']['num_classes'] = AUTO
     for name, section in _SECTIONS.items():
         if section is None:
             continue
@@ -433,8 +464,31 @@ def load_config(path: Optional[str] = None, overrides: List[str] = ()) -> Dict[s
     return validate(cfg, sources, origin)
 
 
+def resolve_num_classes(cfg: Dict[str, Dict[str, object]], class_names: List[str], where: str) -> int:
+    """Model.num_classes from the training data: 'auto' becomes len(class_names) (in ``cfg``, so the model, the
+    checkpoints and their stored config have the number); a stated number must match. ``where`` names the data."""
+    stated, found = cfg['Model']['num_classes'], len(class_names)
+    if stated == AUTO:
+        cfg['Model']['num_classes'] = found
+    elif stated != found:
+        raise ConfigError(f"Model.num_classes is {stated} but {where} has {found} classes: set "
+                          f"-o Model.num_classes={found} (or {AUTO})")
+    return found
+
+
 def build_model(cfg: Dict[str, Dict[str, object]]) -> MaxViT:
-    """The one way a config becomes a model."""
+    """The one way a config becomes a model. Model.num_classes 'auto' becomes, in ``cfg`` too, the number train.py
+    resolved (resolve_num_classes) and stored in the training checkpoint Global.pretrained_model names (export)."""
+    if cfg['Model']['num_classes'] == AUTO:
+        prefix = cfg['Global']['pretrained_model'] and checkpoint_prefix(cfg['Global']['pretrained_model'])
+        stored = ((load_file(prefix + '.pdstates').get('config') or {}).get('Model') or {}).get('num_classes') \
+            if prefix else None
+        if not isinstance(stored, int):
+            raise ConfigError(f"Model.num_classes is {AUTO}, which train.py resolves from the training data and "
+                              f"stores in its checkpoints; Global.pretrained_model is "
+                              f"{cfg['Global']['pretrained_model'] or 'null'}, not such a checkpoint: set "
+                              f"-o Model.num_classes=N, the number of classes of the weights")
+        cfg['Model']['num_classes'] = stored
     return MaxViT(cfg['Model'])
 
 

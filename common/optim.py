@@ -18,6 +18,37 @@ def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak: float, min_l
     return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_steps(cfg: Dict, steps_per_epoch: int) -> int:
+    """The warmup in optimizer steps: Optimizer.warmup_steps, or Optimizer.warmup_epochs x steps per epoch."""
+    o = cfg['Optimizer']
+    if o['warmup_epochs'] is not None:
+        return round(o['warmup_epochs'] * steps_per_epoch)
+    return o['warmup_steps']
+
+
+def schedule_lines(cfg: Dict, plan: Dict) -> Tuple[str, list]:
+    """The run's lr schedule in one line (the lr at its first step, at the end of its warmup and at its last step)
+    and the warnings about it: a warmup at least as long as the run (it never reaches its peak), or a peak lr
+    linear scaling has made less than a tenth of Optimizer.lr."""
+    o, total, peak = cfg['Optimizer'], plan['total_steps'], plan['peak_lr']
+    warm, low = plan['warmup_steps'], min(o['min_lr'], peak)
+    lr = [cosine_lr(s, total, warm, peak, low) for s in (0, min(max(warm, 1), total) - 1, total - 1)]
+    given = f"{o['warmup_epochs']:g} epochs = " if o['warmup_epochs'] is not None else ''
+    line = (f'lr schedule: peak {peak:.3g} = Optimizer.lr {o["lr"]:g} x global batch {plan["global_batch"]} / '
+            f'Optimizer.base_batch_size {o["base_batch_size"]}; warmup {given}{warm} steps, cosine to {low:.3g} at '
+            f'step {total}; lr at step 1 {lr[0]:.3g}, at the end of warmup {lr[1]:.3g}, at the last step {lr[2]:.3g}')
+    warnings = []
+    if warm >= total:
+        warnings.append(f'warning: the warmup ({warm} steps) is at least as long as the run ({total} steps): the lr '
+                        f'never reaches its peak {peak:.3g} (it ends at {lr[2]:.3g}, {lr[2] / peak:.0%} of it); '
+                        f'shorten Optimizer.warmup_steps, or give it as Optimizer.warmup_epochs')
+    if peak < o['lr'] / 10:
+        warnings.append(f'warning: the peak lr is {peak:.3g}, Optimizer.lr {o["lr"]:g} scaled to the global batch '
+                        f'{plan["global_batch"]} from Optimizer.base_batch_size {o["base_batch_size"]}; if '
+                        f'{o["lr"]:g} is meant for this batch, set -o Optimizer.base_batch_size={plan["global_batch"]}')
+    return line, warnings
+
+
 def no_weight_decay(name: str, param) -> bool:
     """Biases, norm weights (every 1-D parameter) and relative position bias tables get no weight decay."""
     return param.ndim <= 1 or name.endswith('relative_bias_table')
@@ -25,8 +56,9 @@ def no_weight_decay(name: str, param) -> bool:
 
 def build_optimizer(model: paddle.nn.Layer, cfg: Dict, peak_lr: float, total_steps: int
                     ) -> Tuple[paddle.optimizer.Optimizer, paddle.optimizer.lr.LRScheduler]:
+    """AdamW and its lr schedule over ``total_steps`` optimizer steps (Global.epochs equal epochs)."""
     o = cfg['Optimizer']
-    warmup, min_lr = o['warmup_steps'], min(o['min_lr'], peak_lr)
+    warmup, min_lr = warmup_steps(cfg, total_steps // cfg['Global']['epochs']), min(o['min_lr'], peak_lr)
     schedule = paddle.optimizer.lr.LambdaDecay(
         1.0, lambda step: cosine_lr(step, total_steps, warmup, peak_lr, min_lr))
     params = [(n, p) for n, p in model.named_parameters() if not p.stop_gradient]

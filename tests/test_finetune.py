@@ -1,0 +1,151 @@
+"""Fine-tuning: Model.num_classes from the data, warmup in epochs, the schedule line and its warnings, a dataset
+smaller than one global batch, and configs/finetune_maxvit_t.yaml end to end with a pretrained checkpoint of
+another class count."""
+import re
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+
+import train
+from common.checkpoint import load_checkpoint
+from common.config import ConfigError, build_model, load_config
+from common.optim import cosine_lr, schedule_lines
+from conftest import ROOT, TINY
+from maxvit import MaxViT
+
+FINETUNE = ROOT / 'configs' / 'finetune_maxvit_t.yaml'
+
+
+def log_of(out) -> str:
+    return (Path(out) / 'train.log').read_text()
+
+
+def logged_lrs(text: str):
+    return [float(x) for x in re.findall(r' lr (\d\.\d+e[-+]\d+) ', text)]
+
+
+def test_num_classes_auto_from_the_training_folder(train_args, tmp_path):
+    out = train.main(train_args('Model.num_classes=auto', 'Global.epochs=1', 'Global.max_steps_per_epoch=2'))
+    assert out['model'].args['num_classes'] == 10 and out['model'](paddle.zeros([1, 3, 32, 32])).shape == [1, 10]
+    assert 'Model.num_classes: 10, the classes of' in log_of(tmp_path / 'out')
+    _, _, states = load_checkpoint(str(tmp_path / 'out' / 'latest'))
+    assert states['config']['Model']['num_classes'] == 10  # the checkpoint stores the resolved number
+
+
+def test_num_classes_stated_and_wrong_is_still_an_error(train_args):
+    with pytest.raises(ConfigError, match=r'Model.num_classes is 7 but .* has 10 classes: set -o Model.num_classes=10'):
+        train.main(train_args('Model.num_classes=7'))
+
+
+def test_build_model_refuses_an_unresolved_auto():
+    cfg = load_config(FINETUNE)
+    assert cfg['Model']['num_classes'] == 'auto'
+    with pytest.raises(ConfigError, match='Model.num_classes is auto, .* Global.pretrained_model is null, not such a '
+                                          'checkpoint: set -o Model.num_classes=N'):
+        build_model(cfg)
+
+
+def plan_of(cfg, steps_per_epoch, global_batch):
+    from common.optim import warmup_steps
+    return {'total_steps': cfg['Global']['epochs'] * steps_per_epoch, 'global_batch': global_batch,
+            'warmup_steps': warmup_steps(cfg, steps_per_epoch),
+            'peak_lr': cfg['Optimizer']['lr'] * global_batch / cfg['Optimizer']['base_batch_size']}
+
+
+def test_the_issue_schedule_is_warned_about_twice():
+    """The ImageNet recipe on 640 images at global batch 16 for 30 epochs (40 steps each): peak 1.17e-5, a 10k-step
+    warmup over a 1,200-step run."""
+    cfg = load_config(ROOT / 'configs' / 'maxvit_t_tf_224.yaml', ['Global.epochs=30'])
+    plan = plan_of(cfg, 40, 16)
+    line, warnings = schedule_lines(cfg, plan)
+    assert plan['peak_lr'] == pytest.approx(1.171875e-5) and plan['warmup_steps'] == 10000
+    assert 'lr at step 1 1.17e-09, at the end of warmup 1.41e-06, at the last step 1.41e-06' in line
+    assert len(warnings) == 2
+    assert warnings[0].startswith('warning: the warmup (10000 steps) is at least as long as the run (1200 steps): '
+                                  'the lr never reaches its peak 1.17e-05 (it ends at 1.41e-06, 12% of it)')
+    assert 'set -o Optimizer.base_batch_size=16' in warnings[1]
+
+
+def test_warmup_epochs_give_the_schedule_its_numbers():
+    cfg = load_config(FINETUNE, ['Global.epochs=30', 'Optimizer.warmup_epochs=1.5'])
+    plan = plan_of(cfg, 20, 32)  # 640 images at 32: 20 steps an epoch, 600 steps
+    assert plan['warmup_steps'] == 30 and plan['peak_lr'] == 1e-4
+    line, warnings = schedule_lines(cfg, plan)
+    assert warnings == []
+    assert 'warmup 1.5 epochs = 30 steps' in line
+    assert 'lr at step 1 3.33e-06, at the end of warmup 0.0001, at the last step 1e-06' in line
+    assert cosine_lr(0, 600, 30, 1e-4, 1e-6) == pytest.approx(1e-4 / 30)
+    assert cosine_lr(315, 600, 30, 1e-4, 1e-6) == pytest.approx((1e-4 + 1e-6) / 2)  # halfway through the cosine
+    # the optimizer's schedule is the same one: warmup from Optimizer.warmup_epochs
+    from common.optim import build_optimizer
+    model = MaxViT(dict(cfg['Model'], num_classes=3, stage_num_block=[1, 1, 1, 1], stem_dim=8, stage_dim=16,
+                        num_heads=1, block_size=[2, 2], grid_size=[2, 2]))
+    optimizer, schedule = build_optimizer(model, cfg, plan['peak_lr'], plan['total_steps'])
+    lrs = []
+    for _ in range(600):
+        lrs.append(optimizer.get_lr())
+        schedule.step()
+    assert lrs[0] == pytest.approx(1e-4 / 30) and lrs[29] == pytest.approx(1e-4) and max(lrs) == pytest.approx(1e-4)
+    assert lrs[-1] == pytest.approx(cosine_lr(599, 600, 30, 1e-4, 1e-6)) and lrs[-1] < 1.01e-6
+
+
+def test_a_dataset_smaller_than_the_global_batch_trains(train_args, tmp_path):
+    """120 training images, Optimizer.global_batch_size 4096 and Data.batch_size 500: the batch is capped to 120
+    images, one step an epoch (it was 'error: 120 training images make no full optimizer step of 4096 images')."""
+    out = train.main(train_args('Optimizer.global_batch_size=4096', 'Data.batch_size=500', 'Global.epochs=2',
+                                'Optimizer.warmup_steps=1'))
+    assert out['global_batch'] == 120 and out['steps_per_epoch'] == 1 and out['step'] == 2
+    log = log_of(tmp_path / 'out')
+    assert 'Data.batch_size 500 capped to 120: 120 training images' in log
+    assert 'global batch 120 = 120 x 1 processes x 1 accumulation' in log
+
+
+def test_accumulation_is_capped_to_the_epoch(train_args, tmp_path):
+    """7 batches of 16 an epoch, Optimizer.global_batch_size 4096: a global batch of 7 x 16 = 112 images."""
+    out = train.main(train_args('Optimizer.global_batch_size=4096', 'Global.epochs=1', 'Optimizer.warmup_steps=0'))
+    assert out['global_batch'] == 112 and out['steps_per_epoch'] == 1
+    assert 'global batch 112, not Optimizer.global_batch_size 4096: capped' in log_of(tmp_path / 'out')
+
+
+def test_a_warmup_longer_than_the_run_is_one_warning_line(train_args, tmp_path):
+    train.main(train_args('Global.epochs=1', 'Global.max_steps_per_epoch=2', 'Optimizer.warmup_steps=5'))
+    lines = [x for x in log_of(tmp_path / 'out').splitlines() if 'warning: the warmup' in x]
+    assert len(lines) == 1 and 'the warmup (5 steps) is at least as long as the run (2 steps)' in lines[0]
+
+
+def test_the_finetune_config_end_to_end_with_a_pretrained_checkpoint_of_1000_classes(shapes, tmp_path):
+    """configs/finetune_maxvit_t.yaml with only the tiny model and image size of the tests, data and weights: the
+    classes come from the data, the 1000-class classifier is replaced, the logged lr is the recipe's."""
+    model_keys = [o for o in TINY if o.startswith(('Model.', 'Data.img_size', 'Data.batch_size', 'Data.num_workers',
+                                                   'Global.use_visualdl'))]
+    tiny = {k.split('=')[0][len('Model.'):]: __import__('yaml').safe_load(k.split('=', 1)[1])
+            for k in model_keys if k.startswith('Model.')}
+    source = load_config(FINETUNE, [f'Model.{k}={v}' for k, v in tiny.items()] + ['Model.num_classes=1000'])
+    paddle.seed(0)
+    weights = tmp_path / 'pretrained.pdparams'
+    paddle.save(MaxViT(source['Model']).state_dict(), str(weights))
+    out_dir = tmp_path / 'ft'
+    args = ['-c', str(FINETUNE), '-o', f'Data.train_root={shapes[0]}', '-o', f'Data.val_root={shapes[1]}',
+            '-o', f'Global.pretrained_model={weights}', '-o', f'Global.output_dir={out_dir}', '-o', 'Global.epochs=3',
+            '-o', 'Global.print_freq=1']
+    for o in model_keys:
+        args += ['-o', o]
+    out = train.main(args)
+    log = log_of(out_dir)
+    assert 'Model.num_classes: 10' in log and 'new classifier (not loaded)' in log
+    assert out['model'].args['num_classes'] == 10
+    # 120 images at global batch 32 (batch 16 x 2 accumulation): 3 steps an epoch, warmup 1 epoch = 3 steps
+    assert out['global_batch'] == 32 and out['steps_per_epoch'] == 3 and out['step'] == 9
+    assert 'warmup 1 epochs = 3 steps' in log and 'warning' not in log
+    lrs = logged_lrs(log)
+    # the lr after steps 1..9: warmup 1e-4 * (s + 1) / 3, then cosine to 1e-6 over steps 3..9
+    expected = [cosine_lr(s, 9, 3, 1e-4, 1e-6) for s in range(1, 10)]
+    assert lrs == pytest.approx(expected, rel=1e-3), log
+    assert max(lrs) == pytest.approx(1e-4, rel=1e-3) and lrs[-1] == pytest.approx(1e-6, rel=1e-3)
+    assert all(np.isfinite(out['history']))
+    # export builds the model from the same config: 'auto' is the number the checkpoint stores
+    cfg = load_config(FINETUNE, list(model_keys) + [f'Global.pretrained_model={out_dir}/best'])
+    assert cfg['Model']['num_classes'] == 'auto'
+    assert build_model(cfg).args['num_classes'] == 10 and cfg['Model']['num_classes'] == 10
