@@ -22,7 +22,7 @@ import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
-from common.checkpoint import checkpoint_prefix, load_file
+from common.checkpoint import load_weights
 from maxvit import DEFAULT_ARGS, ArgumentError, MaxViT, check_args
 
 
@@ -477,18 +477,14 @@ def resolve_num_classes(cfg: Dict[str, Dict[str, object]], class_names: List[str
 
 
 def build_model(cfg: Dict[str, Dict[str, object]]) -> MaxViT:
-    """The one way a config becomes a model. Model.num_classes 'auto' becomes, in ``cfg`` too, the number train.py
-    resolved (resolve_num_classes) and stored in the training checkpoint Global.pretrained_model names (export)."""
+    """The one way a config becomes a model. Model.num_classes 'auto', which train.py resolves from the training
+    data before it builds the model (resolve_num_classes), is elsewhere (eval, export, predict, summary) the width of
+    the classifier of the weights Global.pretrained_model names, or 0 (no classifier) without weights; ``cfg`` takes
+    the number too."""
     if cfg['Model']['num_classes'] == AUTO:
-        prefix = cfg['Global']['pretrained_model'] and checkpoint_prefix(cfg['Global']['pretrained_model'])
-        stored = ((load_file(prefix + '.pdstates').get('config') or {}).get('Model') or {}).get('num_classes') \
-            if prefix else None
-        if not isinstance(stored, int):
-            raise ConfigError(f"Model.num_classes is {AUTO}, which train.py resolves from the training data and "
-                              f"stores in its checkpoints; Global.pretrained_model is "
-                              f"{cfg['Global']['pretrained_model'] or 'null'}, not such a checkpoint: set "
-                              f"-o Model.num_classes=N, the number of classes of the weights")
-        cfg['Model']['num_classes'] = stored
+        path = cfg['Global']['pretrained_model']
+        weights = load_weights(path)[0] if path else {}
+        cfg['Model']['num_classes'] = int(weights['proj.weight'].shape[-1]) if 'proj.weight' in weights else 0
     return MaxViT(cfg['Model'])
 
 

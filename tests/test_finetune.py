@@ -39,12 +39,18 @@ def test_num_classes_stated_and_wrong_is_still_an_error(train_args):
         train.main(train_args('Model.num_classes=7'))
 
 
-def test_build_model_refuses_an_unresolved_auto():
-    cfg = load_config(FINETUNE)
+def test_build_model_outside_training_takes_auto_from_the_weights(tmp_path):
+    """eval, export, predict and summary build the model from the config: 'auto' is the classifier width of
+    Global.pretrained_model's weights, 0 (no classifier) without weights."""
+    tiny = ['Model.stage_num_block=[1, 1, 1, 1]', 'Model.stem_dim=8', 'Model.stage_dim=16', 'Model.num_heads=1']
+    cfg = load_config(FINETUNE, tiny)
     assert cfg['Model']['num_classes'] == 'auto'
-    with pytest.raises(ConfigError, match='Model.num_classes is auto, .* Global.pretrained_model is null, not such a '
-                                          'checkpoint: set -o Model.num_classes=N'):
-        build_model(cfg)
+    assert build_model(cfg).args['num_classes'] == 0 and cfg['Model']['num_classes'] == 0
+    weights = tmp_path / 'w.pdparams'
+    paddle.save(MaxViT(dict(load_config(FINETUNE, tiny + ['Model.num_classes=37'])['Model'])).state_dict(),
+                str(weights))
+    cfg = load_config(FINETUNE, tiny + [f'Global.pretrained_model={weights}'])
+    assert build_model(cfg).args['num_classes'] == 37 and cfg['Model']['num_classes'] == 37
 
 
 def plan_of(cfg, steps_per_epoch, global_batch):
