@@ -11,7 +11,7 @@ import pytest
 import train
 from common.checkpoint import load_checkpoint
 from common.config import ConfigError, build_model, load_config
-from common.optim import cosine_lr, schedule_lines
+from common.optim import build_optimizer, cosine_lr, schedule_lines, warmup_steps
 from conftest import ROOT, TINY
 from maxvit import MaxViT
 
@@ -54,7 +54,7 @@ def test_build_model_outside_training_takes_auto_from_the_weights(tmp_path):
 
 
 def plan_of(cfg, steps_per_epoch, global_batch):
-    from common.optim import warmup_steps
+    """The schedule's part of train.plan_steps' plan, for the given steps per epoch and global batch."""
     return {'total_steps': cfg['Global']['epochs'] * steps_per_epoch, 'global_batch': global_batch,
             'warmup_steps': warmup_steps(cfg, steps_per_epoch),
             'peak_lr': cfg['Optimizer']['lr'] * global_batch / cfg['Optimizer']['base_batch_size']}
@@ -85,7 +85,6 @@ def test_warmup_epochs_give_the_schedule_its_numbers():
     assert cosine_lr(0, 600, 30, 1e-4, 1e-6) == pytest.approx(1e-4 / 30)
     assert cosine_lr(315, 600, 30, 1e-4, 1e-6) == pytest.approx((1e-4 + 1e-6) / 2)  # halfway through the cosine
     # the optimizer's schedule is the same one: warmup from Optimizer.warmup_epochs
-    from common.optim import build_optimizer
     model = MaxViT(dict(cfg['Model'], num_classes=3, stage_num_block=[1, 1, 1, 1], stem_dim=8, stage_dim=16,
                         num_heads=1, block_size=[2, 2], grid_size=[2, 2]))
     optimizer, schedule = build_optimizer(model, cfg, plan['peak_lr'], plan['total_steps'])
@@ -124,11 +123,10 @@ def test_a_warmup_longer_than_the_run_is_one_warning_line(train_args, tmp_path):
 def test_the_finetune_config_end_to_end_with_a_pretrained_checkpoint_of_1000_classes(shapes, tmp_path):
     """configs/finetune_maxvit_t.yaml with only the tiny model and image size of the tests, data and weights: the
     classes come from the data, the 1000-class classifier is replaced, the logged lr is the recipe's."""
-    model_keys = [o for o in TINY if o.startswith(('Model.', 'Data.img_size', 'Data.batch_size', 'Data.num_workers',
-                                                   'Global.use_visualdl'))]
-    tiny = {k.split('=')[0][len('Model.'):]: __import__('yaml').safe_load(k.split('=', 1)[1])
-            for k in model_keys if k.startswith('Model.')}
-    source = load_config(FINETUNE, [f'Model.{k}={v}' for k, v in tiny.items()] + ['Model.num_classes=1000'])
+    # the tiny model of the tests (its Model.* keys), at 32x32, batch 16, no loader processes, no VisualDL
+    tiny = [o for o in TINY if o.startswith(('Model.', 'Data.img_size', 'Data.batch_size', 'Data.num_workers',
+                                             'Global.use_visualdl'))]
+    source = load_config(FINETUNE, tiny + ['Model.num_classes=1000'])
     paddle.seed(0)
     weights = tmp_path / 'pretrained.pdparams'
     paddle.save(MaxViT(source['Model']).state_dict(), str(weights))
@@ -136,7 +134,7 @@ def test_the_finetune_config_end_to_end_with_a_pretrained_checkpoint_of_1000_cla
     args = ['-c', str(FINETUNE), '-o', f'Data.train_root={shapes[0]}', '-o', f'Data.val_root={shapes[1]}',
             '-o', f'Global.pretrained_model={weights}', '-o', f'Global.output_dir={out_dir}', '-o', 'Global.epochs=3',
             '-o', 'Global.print_freq=1']
-    for o in model_keys:
+    for o in tiny:
         args += ['-o', o]
     out = train.main(args)
     log = log_of(out_dir)
@@ -151,7 +149,7 @@ def test_the_finetune_config_end_to_end_with_a_pretrained_checkpoint_of_1000_cla
     assert lrs == pytest.approx(expected, rel=1e-3), log
     assert max(lrs) == pytest.approx(1e-4, rel=1e-3) and lrs[-1] == pytest.approx(1e-6, rel=1e-3)
     assert all(np.isfinite(out['history']))
-    # export builds the model from the same config: 'auto' is the number the checkpoint stores
-    cfg = load_config(FINETUNE, list(model_keys) + [f'Global.pretrained_model={out_dir}/best'])
+    # export builds the model from the same config: 'auto' is the classifier width of the fine-tuned weights
+    cfg = load_config(FINETUNE, tiny + [f'Global.pretrained_model={out_dir}/best'])
     assert cfg['Model']['num_classes'] == 'auto'
     assert build_model(cfg).args['num_classes'] == 10 and cfg['Model']['num_classes'] == 10
