@@ -57,13 +57,13 @@ def evaluate_weights(argv, stop: StopSignals) -> dict:
 
     with env.main_first():  # rank 0 writes the built-in dataset when it is missing
         dataset = build_dataset(cfg, 'val', print if env.is_main else lambda msg: None)
+    model = build_model(cfg)  # Model.num_classes: auto takes the classifier width of the weights (cfg updated)
     classes = len(dataset.class_names)  # a file list may lack the last classes; a folder tree must have them all
     if classes > cfg['Model']['num_classes'] or (cfg['Data']['format'] != 'filelist'
                                                  and classes != cfg['Model']['num_classes']):
         raise ConfigError(f"Model.num_classes is {cfg['Model']['num_classes']} but the validation set has "
                           f"{classes} classes: set -o Model.num_classes={classes}")
     loader = build_loader(dataset, cfg, train=False, rank=env.rank, world_size=env.world_size)
-    model = build_model(cfg)
     model = use_fast_layers(model)  # the CPU kernels and memory-saving backward passes; Paddle's own ops without it
     _, _, what = load_pretrained(model, g['pretrained_model'], ema=g['eval_weights'] == 'ema')
     skipped = SkipReport(dataset, lambda msg: print(msg, file=sys.stderr, flush=True))

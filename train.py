@@ -51,6 +51,7 @@ from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_
 from common.checkpoint import (CheckpointError, adapt_state_dict, check_output_dir, copy_checkpoint, load_checkpoint,
                                load_pretrained, recover, resolve_prefix, save_checkpoint, set_model_state)
 from common.config import AUTO, ConfigError, add_config_args, build_model, load_config, resolve_num_classes
+from common.confusion import MAX_LISTED, log_confusion
 from common.data import DataError, SkipReport, batch_is_empty, build_dataset, build_loader
 from common.device import (BusyError, Stopped, StopSignals, amp_context, hold_output_dir, ignore_stop_signals, iterate,
                            peak_memory_gb, setup)
@@ -333,6 +334,10 @@ def evaluate_epoch(epoch: int, learner: Learner, ema_model, loader, skipped: Ski
                  f'({m["images"]} images, {m["images_per_sec"]:.1f} img/s)')
         for name in ('top1', 'top5', 'loss'):
             log.scalar(f'eval_{kind}/{name}', m[name], epoch)
+        if len(m['confusion']) <= MAX_LISTED:  # the picture; the checkpoint keeps the matrix (at most 80 kB)
+            log_confusion(log, f'eval_{kind}/confusion', m['confusion'], loader.dataset.class_names, epoch)
+        else:  # ImageNet's would add 8 MB to every checkpoint: eval.py writes it on demand
+            del m['confusion']
     return metrics
 
 

@@ -191,3 +191,19 @@ def test_log_confusion_writes_the_picture_to_visualdl(tmp_path):
     logged = Image.open(io.BytesIO(record.image.encoded_image_string)).convert('RGB')
     np.testing.assert_array_equal(np.asarray(logged), np.asarray(confusion.picture(EXPECTED, NAMES)))
     assert not (tmp_path / 'off' / 'vdl').exists()
+
+
+def test_training_writes_each_evaluations_confusion_picture_to_visualdl(train_args, tmp_path):
+    """train.py: after each evaluation, the picture of that epoch's matrix (raw and EMA weights) in VisualDL, and the
+    matrix in the checkpoint's metrics."""
+    import io
+    from visualdl import LogReader
+    out = train.main(train_args('Global.epochs=1', 'Global.max_steps_per_epoch=2', 'Global.use_visualdl=true'))
+    names = load_checkpoint(str(tmp_path / 'out' / 'latest'))[2]['class_names']
+    reader = LogReader(file_path=str(next((tmp_path / 'out' / 'vdl').iterdir())))
+    for kind in ('raw', 'ema'):
+        [record] = reader.get_data('image', f'eval_{kind}/confusion')
+        matrix = out['metrics'][kind]['confusion']
+        assert record.id == 1 and matrix.sum() == out['metrics'][kind]['images'] == 40
+        logged = Image.open(io.BytesIO(record.image.encoded_image_string)).convert('RGB')
+        np.testing.assert_array_equal(np.asarray(logged), np.asarray(confusion.picture(matrix, names)))
