@@ -326,11 +326,13 @@ def test_one_run_per_output_directory_and_eval_reads_whole_checkpoints_meanwhile
                               stderr=subprocess.PIPE, text=True)
     evaluator = subprocess.Popen([sys.executable, 'eval.py'] + args + ['-o', f'Global.pretrained_model={out}/latest'],
                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    steps = set()
-    while second.poll() is None or evaluator.poll() is None:  # read latest as resume does while it is saved
+    steps, deadline = set(), time.monotonic() + 60
+    # read latest as resume does while it is saved, until the other two have ended and the reads have spanned saves
+    # (the first run saves every 0.3 s step; the other two may end before its next save)
+    while second.poll() is None or evaluator.poll() is None or (len(steps) < 3 and time.monotonic() < deadline):
         steps.add(one_set(out)[2]['step'])
         time.sleep(0.05)
-    assert len(steps) >= 2  # it read across saves
+    assert len(steps) >= 3  # it read across saves
     (_, stderr), (evaluated, eval_errors) = second.communicate(), evaluator.communicate()
     assert second.returncode == 1 and len(stderr.splitlines()) == 1, stderr
     assert stderr.startswith(f'error: {out} is in use by another run: pid {first.proc.pid} on '
