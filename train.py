@@ -485,14 +485,15 @@ def run_training(cfg: dict, env, stop: StopSignals, args, resume_cmd: str, log: 
     evals_left = run.eval_pending + sum(due(e, G['eval_freq'], G['epochs']) for e in range(run.epoch + 1,
                                                                                              G['epochs'] + 1))
     timer = StepTimer(steps_left=plan['total_steps'] - run.step, evals_left=evals_left)
-    end = (learner, ema_model, val_loader, skipped_val, cfg, env, log, timer, checkpoints, stop)  # end_epoch's
-    if run.eval_pending:  # a stop signal interrupted the evaluation of the checkpoint's epoch: it comes first
-        metrics = end_epoch(run, *end)
-    while run.epoch < G['epochs'] and not stop.requested():
-        history += train_epoch(run, learner, train_loader, skipped, cfg, env, plan, log, timer, checkpoints, stop)
-        if run.epoch_step:  # stopped mid-epoch (saved)
+    # (a checkpoint whose epoch's evaluation a stop signal interrupted has it done first, before any training)
+    while run.eval_pending or (run.epoch < G['epochs'] and not stop.requested()):
+        if not run.eval_pending:
+            history += train_epoch(run, learner, train_loader, skipped, cfg, env, plan, log, timer, checkpoints, stop)
+            if run.epoch_step:  # stopped mid-epoch (saved)
+                break
+        metrics = end_epoch(run, learner, ema_model, val_loader, skipped_val, cfg, env, log, timer, checkpoints, stop)
+        if run.eval_pending:  # a stop signal came before or during the evaluation (saved, evaluated on resume)
             break
-        metrics = end_epoch(run, *end)
     stopped = stop.signum if run.epoch < G['epochs'] or run.eval_pending else None  # else nothing was left to do
     if stopped:
         log.info(stop_line(stop, run, plan, out_dir, resume_cmd))
