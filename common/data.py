@@ -29,7 +29,7 @@ import paddle
 from PIL import Image
 
 from common.device import die_with_parent
-from common.shapes import SHAPES, SHAPES_PER_CLASS, make_shapes_dataset
+from common.shapes import SHAPES, SHAPES_PER_CLASS, make_dataset
 from common.transforms import build_transform
 
 DATA_HELP = 'see docs/training.md, section "Preparing data"'
@@ -243,7 +243,7 @@ def build_dataset(cfg: Dict, split: str, log=print) -> ImageDataset:
                 log(f'{split}: the built-in shapes dataset in {root}/ (written before; delete it to write it anew)')
             else:
                 start = time.perf_counter()
-                make_shapes_dataset(root, images_per_class=SHAPES_PER_CLASS[split], seed={'train': 0, 'val': 1}[split])
+                make_dataset(root, 'shapes', SHAPES_PER_CLASS[split], seed={'train': 0, 'val': 1}[split])
                 log(f'{split}: wrote the built-in shapes dataset, {count} PNG files ({len(SHAPES)} classes x '
                     f'{SHAPES_PER_CLASS[split]}), to {root}/ in {time.perf_counter() - start:.1f} s')
         samples, names = folder_samples(root)

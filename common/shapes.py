@@ -1,7 +1,9 @@
-"""The built-in quickstart dataset: 10 classes of rendered shapes, written once as PNG files.
+"""The built-in datasets, rendered and written once as PNG files; the same seed writes the same files.
 
-Each image is one large shape of random colour, position, scale and rotation on a plain random background, with
-up to two distractor strokes; the same seed writes the same files.
+* shapes (the quickstart's): 10 classes, each image one large shape of random colour, position, scale and rotation
+  on a plain random background, with up to two distractor strokes.
+* glyphs (the pretraining set of the transfer demonstration, tools/transfer_demo.py): the 26 capital letters, each
+  image one letter of Pillow's built-in font at random colour, size, position and tilt on the same backgrounds.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import os
 import random
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 
 SHAPES = ['circle', 'square', 'triangle', 'star', 'cross', 'ring', 'hexagon', 'diamond', 'arrow', 'crescent']
@@ -42,18 +44,23 @@ def _shape_polygon(kind: str, cx: float, cy: float, r: float, angle: float):
     raise ValueError(kind)
 
 
-def render_shape(kind: str, rng: random.Random, size: int = 64) -> Image.Image:
-    """One image: a shape of random colour, position, scale and rotation on a random two-tone background."""
+def _background(rng: random.Random, size: int):
+    """A plain random background with up to two distractor strokes, and a foreground colour that stands out."""
     bg = tuple(rng.randrange(256) for _ in range(3))
     img = Image.new('RGB', (size, size), bg)
     draw = ImageDraw.Draw(img)
-    for _ in range(rng.randrange(3)):  # distractor strokes
+    for _ in range(rng.randrange(3)):
         draw.line([(rng.uniform(0, size), rng.uniform(0, size)) for _ in range(2)],
                   fill=tuple(rng.randrange(256) for _ in range(3)), width=rng.randrange(1, 3))
-    while True:  # a foreground colour that stands out from the background
+    while True:
         fg = tuple(rng.randrange(256) for _ in range(3))
         if sum(abs(a - b) for a, b in zip(fg, bg)) > 160:
-            break
+            return img, draw, bg, fg
+
+
+def render_shape(kind: str, rng: random.Random, size: int = 64) -> Image.Image:
+    """One image: a shape of random colour, position, scale and rotation on a random background."""
+    img, draw, bg, fg = _background(rng, size)
     r = rng.uniform(0.22, 0.42) * size
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     angle = rng.uniform(0, 2 * math.pi)
@@ -71,12 +78,31 @@ def render_shape(kind: str, rng: random.Random, size: int = 64) -> Image.Image:
     return img
 
 
-def make_shapes_dataset(root: str, images_per_class: int, seed: int, size: int = 64) -> None:
-    """Write the quickstart dataset: ROOT/<shape>/<n>.png, the same files for the same seed."""
+GLYPHS = [chr(c) for c in range(ord('A'), ord('Z') + 1)]
+
+
+def render_glyph(letter: str, rng: random.Random, size: int = 64) -> Image.Image:
+    """One image: a letter of random colour, size (half to four fifths of the image), position and tilt (up to 25
+    degrees either way: an M stays an M) on a random background."""
+    img, _, _, fg = _background(rng, size)
+    font = ImageFont.load_default(size=round(rng.uniform(0.5, 0.8) * size))
+    left, top, right, bottom = font.getbbox(letter)
+    tile = Image.new('L', (right - left + 4, bottom - top + 4), 0)
+    ImageDraw.Draw(tile).text((2 - left, 2 - top), letter, fill=255, font=font)
+    tile = tile.rotate(rng.uniform(-25, 25), resample=Image.BILINEAR, expand=True)
+    x, y = (rng.randrange(max(1, size - t + 1)) for t in tile.size)
+    img.paste(fg, (x, y), tile)  # the glyph's coverage as the mask: smooth edges
+    return img
+
+
+def make_dataset(root: str, kind: str, images_per_class: int, seed: int, size: int = 64) -> None:
+    """Write a built-in dataset (kind 'shapes' or 'glyphs'): ROOT/<class>/<n>.png, the same files for the same
+    seed. The folder appears complete or not at all."""
+    classes, render = {'shapes': (SHAPES, render_shape), 'glyphs': (GLYPHS, render_glyph)}[kind]
     tmp = Path(str(root) + '.partial')
-    for label, kind in enumerate(SHAPES):
-        (tmp / kind).mkdir(parents=True, exist_ok=True)
+    for label, name in enumerate(classes):
+        (tmp / name).mkdir(parents=True, exist_ok=True)
         rng = random.Random(seed * 1000 + label)
         for n in range(images_per_class):
-            render_shape(kind, rng, size).save(tmp / kind / f'{n:04d}.png')
-    os.replace(tmp, root)  # appears complete or not at all
+            render(name, rng, size).save(tmp / name / f'{n:04d}.png')
+    os.replace(tmp, root)

@@ -11,7 +11,7 @@ import pytest
 
 from common.device import setup
 from common.fast_layers import use_fast_layers
-from common.shapes import make_shapes_dataset
+from common.shapes import make_dataset
 
 # The suite runs on the CPU with eager Paddle tuned as train.py tunes it (common.device.setup). Models built here
 # run Paddle's own layers unless a test calls use_fast_layers, as train.py and eval.py do (tests/test_fast_layers.py
@@ -37,8 +37,8 @@ TINY = [
 def shapes(tmp_path_factory):
     """(train_root, val_root): 10 classes x 12 train and x 4 val rendered shapes, as PNG files."""
     root = tmp_path_factory.mktemp('shapes')
-    make_shapes_dataset(str(root / 'train'), images_per_class=12, seed=0, size=32)
-    make_shapes_dataset(str(root / 'val'), images_per_class=4, seed=1, size=32)
+    make_dataset(str(root / 'train'), 'shapes', 12, seed=0, size=32)
+    make_dataset(str(root / 'val'), 'shapes', 4, seed=1, size=32)
     return str(root / 'train'), str(root / 'val')
 
 
