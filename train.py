@@ -282,6 +282,7 @@ def train_epoch(run: RunState, learner: Learner, loader, skipped: SkipReport, cf
                 f'loss is {loss_value} at epoch {epoch + 1}, optimizer step {run.step + 1}: stopping before the '
                 f'update. The last good checkpoint is {checkpoints.dir}/latest (resume with -o Global.resume=auto); '
                 f'consider a lower Optimizer.lr.')
+        step_lr = learner.optimizer.get_lr()  # this step's lr (the schedule moves on after the step)
         optimizer_step(learner)
         run.step, run.epoch_step = run.step + 1, run.epoch_step + 1
         losses.append(loss_value)
@@ -289,7 +290,7 @@ def train_epoch(run: RunState, learner: Learner, loader, skipped: SkipReport, cf
         timer.step()
         log.progress(run.epoch_step, steps, f'loss {loss_value:.4f}')
         if run.step % G['print_freq'] == 0 or run.epoch_step == steps:
-            mean_loss, lr = loss_sum / loss_n, learner.optimizer.get_lr()
+            mean_loss, lr = loss_sum / loss_n, step_lr
             ips = seen * env.world_size / (time.perf_counter() - t_log)  # images/s of all processes
             log.info(f'epoch {epoch + 1}/{G["epochs"]} step {run.epoch_step}/{steps} loss {mean_loss:.4f} '
                      f'lr {lr:.3e} {ips:.1f} img/s eta {timer.eta()} mem {peak_memory_gb(env.device):.2f}G')
@@ -465,6 +466,9 @@ def run_training(cfg: dict, env, stop: StopSignals, args, resume_cmd: str, log: 
     run, states = RunState(), {}
     if resume:
         states = load_resume(resume, cfg, train_set.class_names, plan, model, optimizer, scaler, log)
+        # the schedule's step is restored with the optimizer; its stored lr is the checkpoint recipe's, which
+        # Global.resume_changes=allow may have changed: the next step's lr comes from this run's schedule
+        schedule.last_lr = schedule.get_lr()
         run = RunState(**{k: states.get(k, 0) for k in ('epoch', 'epoch_step', 'step')}, best=states['best'],
                        eval_pending=states.get('eval_pending', False))
         log.info(f'resumed {resume}: epoch {run.epoch}' + (f' (+{run.epoch_step} steps)' if run.epoch_step else '')

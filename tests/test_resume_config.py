@@ -97,7 +97,7 @@ def test_the_recipe_changes_only_when_allowed(train_args, saved, tmp_path):
             '(Global.resume_changes=allow)') in log
     # the new peak lr drives the schedule from the checkpoint's step on (global batch 16 = base batch 16)
     min_lr = load_config(ROOT / 'configs' / 'quickstart.yaml', TINY)['Optimizer']['min_lr']
-    lr = cosine_lr(8, 14, 5, 2e-3, min_lr)  # after step 8: the lr of the 9th
+    lr = cosine_lr(7, 14, 5, 2e-3, min_lr)  # the lr of the 8th step, the first of the resumed run
     assert 'epoch 2/2 step 1/7 loss' in log and f'lr {lr:.3e}' in log.split('epoch 2/2 step 1/7')[1].split('\n')[0]
 
 
