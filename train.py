@@ -59,8 +59,8 @@ from common.evaluate import evaluate
 from common.fast_layers import use_fast_layers
 from common.logger import Logger, StepTimer
 from common.mixup import Mixup
-from common.optim import (ModelEma, build_optimizer, load_optimizer_state, optimizer_state, schedule_lines,
-                          warmup_steps)
+from common.optim import (ModelEma, build_optimizer, layer_decay_line, load_optimizer_state, optimizer_state,
+                          schedule_lines, warmup_steps)
 from common.resume import check_resume
 
 
@@ -450,7 +450,10 @@ def run_training(cfg: dict, env, stop: StopSignals, args, resume_cmd: str, log: 
     model = build_model(cfg)
     model = use_fast_layers(model)  # the CPU kernels and memory-saving backward passes; Paddle's own ops without it
     log.info(f'MaxViT: {sum(int(p.numel()) for p in model.parameters() if not p.stop_gradient):,} trainable '
-             f'parameters')
+             f'parameters' + (' (Global.linear_probe: the classifier only; the rest frozen, BatchNorm statistics '
+                              'fixed)' if G['linear_probe'] else ''))
+    if O['layer_decay'] is not None:
+        log.info(layer_decay_line(model, O['layer_decay']))
     if G['pretrained_model'] and not resume:  # a resumed run has its own weights
         resized, new, what = load_pretrained(model, G['pretrained_model'], ema=G['eval_weights'] == 'ema',
                                              new_classifier=True)  # ema: a checkpoint's EMA weights

@@ -63,6 +63,9 @@ class Global(_Section):
                               "the classes and a mid-epoch batch plan never change (docs/training.md, Stopping, "
                               "preemption and resuming)")
     eval_weights: Literal['ema', 'raw'] = Field('ema', description='eval.py: the weights of a training checkpoint')
+    linear_probe: bool = Field(False, description='train only the classifier (Model proj): every other parameter '
+                                                  'frozen, every BatchNorm with its statistics fixed, the backbone '
+                                                  'in eval mode')
     max_steps_per_epoch: Optional[int] = Field(None, gt=0, examples=[100],
                                                description='a cap on optimizer steps per epoch, for smoke tests and '
                                                            'debugging; null: no cap')
@@ -72,6 +75,14 @@ class Global(_Section):
     use_visualdl: bool = Field(True, description='VisualDL logs in output_dir')
     to_static: bool = Field(False, description='train and evaluate through paddle.jit.to_static: one compiled '
                                                'program per input shape (CINN behind it on GPU builds); same results')
+
+    @field_validator('linear_probe')
+    @classmethod
+    def _probe_needs_weights(cls, value, info: ValidationInfo):
+        if value and not info.data.get('pretrained_model') and not info.data.get('resume'):
+            raise ValueError('true only with Global.pretrained_model (the weights whose features the classifier '
+                             'probes) or Global.resume; a probe of random features learns nothing worth keeping')
+        return value
 
     @field_validator('to_static')
     @classmethod
@@ -165,6 +176,10 @@ class Optimizer(_Section):
                                                     'Optimizer.warmup_epochs gives it')
     weight_decay: float = Field(0.05, ge=0, description='AdamW weight decay; not applied to biases, norms and '
                                                         'relative bias tables')
+    layer_decay: Optional[float] = Field(None, gt=0, le=1, examples=[0.8],
+                                         description='layer-wise lr decay as timm groups MaxViT: the head gets the '
+                                                     'lr, the last stage lr x d, ..., the stem lr x d**(stages+1); '
+                                                     'null: the same lr everywhere')
     beta1: float = Field(0.9, ge=0, lt=1, description='AdamW first-moment decay')
     beta2: float = Field(0.999, ge=0, lt=1, description='AdamW second-moment decay')
     epsilon: float = Field(1e-8, gt=0, description='AdamW denominator term')
@@ -477,15 +492,22 @@ def resolve_num_classes(cfg: Dict[str, Dict[str, object]], class_names: List[str
 
 
 def build_model(cfg: Dict[str, Dict[str, object]]) -> MaxViT:
-    """The one way a config becomes a model. Model.num_classes 'auto', which train.py resolves from the training
-    data before it builds the model (resolve_num_classes), is elsewhere (eval, export, predict, summary) the width of
-    the classifier of the weights Global.pretrained_model names, or 0 (no classifier) without weights; ``cfg`` takes
-    the number too."""
+    """The one way a config becomes a model; with Global.linear_probe only its classifier trains. Model.num_classes
+    'auto', which train.py resolves from the training data before it builds the model (resolve_num_classes), is
+    elsewhere (eval, export, predict, summary) the width of the classifier of the weights Global.pretrained_model
+    names, or 0 (no classifier) without weights; ``cfg`` takes the number too."""
     if cfg['Model']['num_classes'] == AUTO:
         path = cfg['Global']['pretrained_model']
         weights = load_weights(path)[0] if path else {}
         cfg['Model']['num_classes'] = int(weights['proj.weight'].shape[-1]) if 'proj.weight' in weights else 0
-    return MaxViT(cfg['Model'])
+    if not cfg['Global']['linear_probe']:
+        return MaxViT(cfg['Model'])
+    # a linear probe: the stem and every stage frozen and in eval mode, every BatchNorm's statistics fixed (the
+    # MaxViT keywords a detector's frozen backbone uses), and the head before the classifier frozen too
+    model = MaxViT(cfg['Model'], frozen_stages=len(cfg['Model']['stage_num_block']), norm_eval=True)
+    for name, param in model.named_parameters():
+        param.stop_gradient = not name.startswith('proj.')
+    return model
 
 
 def add_config_args(parser, required: bool = True):

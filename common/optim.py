@@ -54,18 +54,52 @@ def no_weight_decay(name: str, param) -> bool:
     return param.ndim <= 1 or name.endswith('relative_bias_table')
 
 
+def layer_lr_scales(model: paddle.nn.Layer, decay: float) -> Dict[str, float]:
+    """Each parameter's learning-rate multiplier under layer-wise decay (BEiT, arXiv:2106.08254), grouped as timm
+    groups MaxViT (param_groups_layer_decay with MaxxVit.group_matcher): the stem is layer 0, stage i layer i, the
+    head (everything after the last stage) layer S + 1 of S stages, and a parameter of layer l gets
+    decay ** (S + 1 - l): the head the full lr, the last stage lr x decay, the stem, deepest, lr x decay ** (S + 1)."""
+    top = len(model.max_blocks) + 1
+
+    def layer(name: str) -> int:
+        if name.startswith('conv_stem.'):
+            return 0
+        if name.startswith('max_blocks.'):
+            return int(name.split('.')[1]) + 1
+        return top
+
+    return {name: decay ** (top - layer(name)) for name, _ in model.named_parameters()}
+
+
+def layer_decay_line(model: paddle.nn.Layer, decay: float) -> str:
+    """The per-layer multipliers in one log line."""
+    scales = layer_lr_scales(model, decay)
+    stages = ', '.join(f'{decay ** (i + 1):.3g}' for i in range(len(model.max_blocks)))  # the last stage first
+    return (f'layer-wise lr decay {decay:g}: lr x {max(scales.values()):.3g} for the head, x {stages} for stages '
+            f'{len(model.max_blocks)}..1, x {min(scales.values()):.3g} for the stem')
+
+
 def build_optimizer(model: paddle.nn.Layer, cfg: Dict, peak_lr: float, total_steps: int
                     ) -> Tuple[paddle.optimizer.Optimizer, paddle.optimizer.lr.LRScheduler]:
-    """AdamW and its lr schedule over ``total_steps`` optimizer steps (Global.epochs equal epochs)."""
+    """AdamW and its lr schedule over ``total_steps`` optimizer steps (Global.epochs equal epochs), for the
+    parameters that train (a linear probe's classifier only); with Optimizer.layer_decay one parameter group per
+    layer, its lr multiplied by layer_lr_scales."""
     o = cfg['Optimizer']
     warmup, min_lr = warmup_steps(cfg, total_steps // cfg['Global']['epochs']), min(o['min_lr'], peak_lr)
     schedule = paddle.optimizer.lr.LambdaDecay(
         1.0, lambda step: cosine_lr(step, total_steps, warmup, peak_lr, min_lr))
     params = [(n, p) for n, p in model.named_parameters() if not p.stop_gradient]
     decay_names = {p.name for n, p in params if not no_weight_decay(n, p)}
+    groups = [p for _, p in params]
+    if o['layer_decay'] is not None:
+        scales, by_scale = layer_lr_scales(model, o['layer_decay']), {}
+        for n, p in params:
+            by_scale.setdefault(scales[n], []).append(p)
+        # Paddle multiplies a group's learning_rate into the schedule's lr for each of its parameters
+        groups = [{'params': ps, 'learning_rate': scale} for scale, ps in by_scale.items()]
     optimizer = paddle.optimizer.AdamW(
         learning_rate=schedule, beta1=o['beta1'], beta2=o['beta2'], epsilon=o['epsilon'],
-        parameters=[p for _, p in params], weight_decay=o['weight_decay'],
+        parameters=groups, weight_decay=o['weight_decay'],
         apply_decay_param_fun=lambda name: name in decay_names,
         grad_clip=paddle.nn.ClipGradByGlobalNorm(o['clip_grad']) if o['clip_grad'] > 0 else None,
         multi_precision=cfg['AMP']['enable'] and cfg['AMP']['level'] == 'O2')

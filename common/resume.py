@@ -10,12 +10,12 @@ from common.config import ConfigError
 from common.logger import Logger
 
 # How a resumed run may differ from the run that wrote its checkpoint (docs/training.md, "Stopping, preemption and
-# resuming"). Never: Model.* (but recompute and the three regularisation keys), the classes and their order, and,
-# from a mid-epoch checkpoint, the batch plan (its position counts batches of each process's share of an order
-# that depends on the batch, the processes and the number of images). Freely, in one line: the run's length and
-# rhythm, where the data is, and how steps are computed. The rest of the recipe (learning rate, augmentation,
-# drop path, EMA, AMP, seed, a global batch changed at an epoch's end, ...) changes what the run computes:
-# refused unless -o Global.resume_changes=allow, then listed in the same line.
+# resuming"). Never: Model.* (but recompute and the three regularisation keys), Global.linear_probe, the classes and
+# their order, and, from a mid-epoch checkpoint, the batch plan (its position counts batches of each process's share
+# of an order that depends on the batch, the processes and the number of images). Freely, in one line: the run's
+# length and rhythm, where the data is, and how steps are computed. The rest of the recipe (learning rate,
+# augmentation, drop path, EMA, AMP, seed, a global batch changed at an epoch's end, ...) changes what the run
+# computes: refused unless -o Global.resume_changes=allow, then listed in the same line.
 RESUME_FREE = {'Global.epochs', 'Global.print_freq', 'Global.eval_freq', 'Global.save_epoch_freq',
                'Global.save_interval_steps', 'Global.device', 'Global.use_visualdl', 'Global.to_static',
                'Model.recompute', 'Data.format', 'Data.train_root', 'Data.val_root', 'Data.train_list',
@@ -24,6 +24,7 @@ RESUME_FREE = {'Global.epochs', 'Global.print_freq', 'Global.eval_freq', 'Global
 RESUME_NOT_COMPARED = {'Global.resume', 'Global.resume_changes', 'Global.pretrained_model',  # how a run starts
                        'Global.output_dir'}  # a checkpoint may be resumed into another directory
 MODEL_RECIPE = {'Model.drop', 'Model.attn_drop', 'Model.drop_path'}  # regularisation: no parameters
+NEVER_CHANGED = {'Global.linear_probe'}  # which parameters train: the optimizer's state is for those
 BATCH_PLAN = {'global_batch': 'global batch', 'batch_size': 'Data.batch_size', 'world_size': 'processes',
               'accum': 'accumulation steps', 'train_images': 'training images'}  # plan_steps' keys
 
@@ -42,7 +43,8 @@ def check_resume(resume: str, states: dict, cfg: dict, class_names: List[str], p
                if k in (saved.get(s) or {}) and saved[s][k] != v and f'{s}.{k}' not in RESUME_NOT_COMPARED}
     changes.update({BATCH_PLAN[k]: (saved_plan[k], plan[k]) for k in BATCH_PLAN
                     if k in saved_plan and saved_plan[k] != plan[k] and BATCH_PLAN[k] not in changes})
-    refused = {k: v for k, v in changes.items() if k.startswith('Model.') and k not in RESUME_FREE | MODEL_RECIPE}
+    refused = {k: v for k, v in changes.items()
+               if (k.startswith('Model.') and k not in RESUME_FREE | MODEL_RECIPE) or k in NEVER_CHANGED}
     problems = [f'{", ".join(refused)} changed since the checkpoint ({_listed(refused)})'] if refused else []
     old_names = states.get('class_names')
     if old_names is not None and list(old_names) != list(class_names):

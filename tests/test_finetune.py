@@ -11,8 +11,8 @@ import pytest
 import train
 from common.checkpoint import load_checkpoint
 from common.config import ConfigError, build_model, load_config
-from common.optim import build_optimizer, cosine_lr, schedule_lines, warmup_steps
-from conftest import ROOT, TINY
+from common.optim import build_optimizer, cosine_lr, layer_decay_line, layer_lr_scales, schedule_lines, warmup_steps
+from conftest import ROOT, TINY, quickstart_args
 from maxvit import MaxViT
 
 FINETUNE = ROOT / 'configs' / 'finetune_maxvit_t.yaml'
@@ -144,12 +144,108 @@ def test_the_finetune_config_end_to_end_with_a_pretrained_checkpoint_of_1000_cla
     assert out['global_batch'] == 32 and out['steps_per_epoch'] == 3 and out['step'] == 9
     assert 'warmup 1 epochs = 3 steps' in log and 'warning' not in log
     lrs = logged_lrs(log)
-    # the lr after steps 1..9: warmup 1e-4 * (s + 1) / 3, then cosine to 1e-6 over steps 3..9
-    expected = [cosine_lr(s, 9, 3, 1e-4, 1e-6) for s in range(1, 10)]
+    # the lr of steps 1..9 (0-based 0..8): warmup 1e-4 * (s + 1) / 3, then cosine towards 1e-6 at step 9
+    expected = [cosine_lr(s, 9, 3, 1e-4, 1e-6) for s in range(9)]
     assert lrs == pytest.approx(expected, rel=1e-3), log
-    assert max(lrs) == pytest.approx(1e-4, rel=1e-3) and lrs[-1] == pytest.approx(1e-6, rel=1e-3)
+    assert lrs[0] == pytest.approx(1e-4 / 3, rel=1e-3) and max(lrs) == pytest.approx(1e-4, rel=1e-3)
     assert all(np.isfinite(out['history']))
     # export builds the model from the same config: 'auto' is the classifier width of the fine-tuned weights
     cfg = load_config(FINETUNE, tiny + [f'Global.pretrained_model={out_dir}/best'])
     assert cfg['Model']['num_classes'] == 'auto'
     assert build_model(cfg).args['num_classes'] == 10 and cfg['Model']['num_classes'] == 10
+
+
+# ---- layer-wise learning-rate decay and the linear probe
+
+def tiny_cfg(*overrides):
+    return load_config(ROOT / 'configs' / 'quickstart.yaml', TINY + list(overrides))
+
+
+@pytest.mark.parametrize('head', ['norm_mlp', 'conv'])
+def test_layer_decay_groups_the_parameters_as_timm_groups_maxvit(head):
+    """timm (param_groups_layer_decay with MaxxVit.group_matcher) puts the stem in layer 0, stage i in layer i and
+    the head in layer 5 of a four-stage MaxViT: scales decay ** (5 - layer)."""
+    model = build_model(tiny_cfg(f'Model.head={head}', 'Model.num_classes=10'))
+    scales = layer_lr_scales(model, 0.5)
+    assert set(scales) == {n for n, _ in model.named_parameters()}
+    expected = {'conv_stem': 0.5 ** 5, 'max_blocks.0': 0.5 ** 4, 'max_blocks.1': 0.5 ** 3, 'max_blocks.2': 0.25,
+                'max_blocks.3': 0.5}
+    for name, scale in scales.items():
+        part = name.split('.')[0] if name.startswith('conv_stem') else '.'.join(name.split('.')[:2])
+        assert scale == expected.get(part, 1.0), name
+    head_names = {n for n, s in scales.items() if s == 1.0}
+    assert {n.split('.')[0] for n in head_names} == ({'norm', 'pre_logits', 'proj'} if head == 'norm_mlp'
+                                                      else {'last_conv', 'proj'})
+    assert layer_decay_line(model, 0.5) == ('layer-wise lr decay 0.5: lr x 1 for the head, x 0.5, 0.25, 0.125, '
+                                            '0.0625 for stages 4..1, x 0.0312 for the stem')
+
+
+def test_layer_decay_first_step_moves_each_parameter_by_its_layers_lr():
+    """AdamW's first step moves each element with a gradient by exactly its lr (m / sqrt(v) = sign(g) after bias
+    correction; no weight decay or clipping here): the stem by lr x 0.5**5, the head by lr."""
+    cfg = tiny_cfg('Model.num_classes=10', 'Optimizer.layer_decay=0.5', 'Optimizer.weight_decay=0.0',
+                   'Optimizer.clip_grad=0.0', 'Optimizer.warmup_steps=0')
+    paddle.seed(0)
+    model = build_model(cfg)
+    optimizer, _ = build_optimizer(model, cfg, peak_lr=1e-2, total_steps=10)
+    params = [(n, p) for n, p in model.named_parameters() if not p.stop_gradient]  # not BatchNorm statistics
+    before = {n: p.numpy().copy() for n, p in params}
+    x, y = paddle.randn([4, 3, 32, 32]), paddle.to_tensor([0, 1, 2, 3])
+    paddle.nn.functional.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.numpy().copy() for n, p in params}
+    optimizer.step()
+    scales = layer_lr_scales(model, 0.5)
+    seen = set()
+    for name, p in params:
+        moved, g = np.abs(p.numpy() - before[name]), np.abs(grads[name])
+        strong = g > 1e-5  # |g| / (|g| + epsilon 1e-8) within 1e-3 of 1 (a bias before a BatchNorm has ~0)
+        if not strong.any():
+            continue
+        # float32 parameters: the step is exact up to the rounding of p + step (|p| x 2**-23 each)
+        ulp = np.abs(before[name][strong]) * 2.0 ** -22 + 1e-12
+        np.testing.assert_allclose(moved[strong], 1e-2 * scales[name], rtol=2e-3, atol=ulp.max(), err_msg=name)
+        seen.add(scales[name])
+    assert seen == {0.5 ** k for k in range(6)}
+
+
+def test_linear_probe_trains_only_the_classifier(shapes, tmp_path):
+    """Global.linear_probe from weights with a classifier of another class count: after each epoch every tensor but
+    the new classifier is bit-identical to the weights, BatchNorm running statistics included; the classifier
+    moves. (That a probe learns from features worth probing: docs/training.md, 'What transfer does'.)"""
+    paddle.seed(0)
+    start = {k: v.numpy() for k, v in MaxViT(tiny_cfg('Model.num_classes=3')['Model']).state_dict().items()}
+    weights = tmp_path / 'pretrained.pdparams'
+    paddle.save({k: paddle.to_tensor(v) for k, v in start.items()}, str(weights))
+    out_dir = tmp_path / 'probe'
+    train.main(quickstart_args(*shapes, out_dir, 'Global.linear_probe=true', 'Model.num_classes=auto',
+                               f'Global.pretrained_model={weights}', 'Global.epochs=2', 'Global.save_epoch_freq=1'))
+    assert 'MaxViT: 1,290 trainable parameters (Global.linear_probe' in log_of(out_dir)  # 128 features x 10 + 10
+    first, last = (load_checkpoint(str(out_dir / name))[0] for name in ('epoch_1', 'latest'))
+    assert any(k.endswith('_mean') for k in last) and any(k.endswith('_variance') for k in last)
+    for key in start:
+        if not key.startswith('proj.'):
+            np.testing.assert_array_equal(np.asarray(first[key]), start[key], err_msg=key)
+            np.testing.assert_array_equal(np.asarray(last[key]), start[key], err_msg=key)
+    assert np.abs(np.asarray(last['proj.weight']) - np.asarray(first['proj.weight'])).max() > 1e-4
+
+
+def test_linear_probe_needs_weights():
+    with pytest.raises(ConfigError, match='Global.linear_probe.*true only with Global.pretrained_model'):
+        tiny_cfg('Global.linear_probe=true')
+
+
+@pytest.mark.parametrize('size', ['t', 's', 'b', 'l'])
+def test_each_finetune_config_builds_the_model_its_weights_come_from(size):
+    """configs/finetune_maxvit_X.yaml is configs/maxvit_X_tf_224.yaml's model (so that the converted weights load)
+    with the classes from the data and half its stochastic depth, at the same input and eval preprocessing."""
+    finetune = load_config(ROOT / 'configs' / f'finetune_maxvit_{size}.yaml')
+    source = load_config(ROOT / 'configs' / f'maxvit_{size}_tf_224.yaml')
+    differs = {k for k in source['Model'] if finetune['Model'][k] != source['Model'][k]}
+    assert differs == {'num_classes', 'drop_path'}
+    assert finetune['Model']['num_classes'] == 'auto'
+    assert finetune['Model']['drop_path'] == pytest.approx(source['Model']['drop_path'] / 2)
+    for key in ('img_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std'):
+        assert finetune['Data'][key] == source['Data'][key], key
+    recipe = load_config(FINETUNE)
+    for section in ('Optimizer', 'EMA', 'AMP'):
+        assert finetune[section] == recipe[section]
