@@ -589,6 +589,23 @@ def test_predict_skips_unreadable_images(run, tmp_path, capsys):
     check_against_reference(results, run, [str(p) for p in good])
 
 
+def test_predict_keeps_to_the_pixel_cap(run, exported, tmp_path, capsys):
+    """Data.max_image_pixels caps what predict decodes, as in training: a PNG above it is skipped with its reason
+    (with -c, from the config; with --model, the default cap of the export's preprocessing)."""
+    from PIL import Image
+    folder = tmp_path / 'sizes'
+    folder.mkdir()
+    Image.new('RGB', (100, 100), (200, 30, 30)).save(folder / 'large.png')
+    Image.new('RGB', (40, 40), (30, 30, 200)).save(folder / 'small.png')
+    results = predict.main(config_args(f'Global.pretrained_model={run["ckpt"]}', 'Data.max_image_pixels=5000')
+                           + ['--images', str(folder)])
+    err = capsys.readouterr().err
+    assert f'skipped unreadable image {folder / "large.png"}: ImageTooLarge: 100 x 100 pixels' in err
+    assert 'above Data.max_image_pixels (0.0 megapixels)' in err
+    assert [r['image'] for r in results] == [str(folder / 'small.png')]
+    assert len(predict.main(['--model', exported(), '--images', str(folder)])) == 2  # 40 megapixels by default
+
+
 def test_predict_errors(run, tmp_path):
     empty = tmp_path / 'empty'
     empty.mkdir()

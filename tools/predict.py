@@ -108,8 +108,15 @@ def format_text(results: List[Dict]) -> str:
     return '\n'.join(lines)
 
 
+def _reader(cfg: dict):
+    """path -> the model's input (C, H, W): read at most Data.max_image_pixels (common.data.read_image), then
+    the evaluation transform."""
+    transform, max_pixels = build_transform(cfg, train=False), cfg['Data']['max_image_pixels']
+    return lambda path: transform(read_rgb(path, max_pixels))
+
+
 def _build_runner(args):
-    """(batch -> probabilities, transform, num_classes, stored class names, description)."""
+    """(batch -> probabilities, path -> input, num_classes, stored class names, description)."""
     if args.model:
         meta = load_meta(args.model)
         try:
@@ -129,7 +136,7 @@ def _build_runner(args):
             out = forward(batch)
             return out if probabilities else softmax(out)
         what = f'{args.model} ({runtime}, {meta["output"]})'
-        return run, build_transform(cfg, train=False), meta.get('num_classes'), meta.get('class_names'), what
+        return run, _reader(cfg), meta.get('num_classes'), meta.get('class_names'), what
 
     cfg = load_config(args.config, args.override)
     g = cfg['Global']
@@ -146,8 +153,7 @@ def _build_runner(args):
     @paddle.no_grad()
     def run(batch):
         return model.predict(paddle.to_tensor(batch)).numpy()
-    return (run, build_transform(cfg, train=False), cfg['Model']['num_classes'],
-            checkpoint_class_names(g['pretrained_model']), what)
+    return (run, _reader(cfg), cfg['Model']['num_classes'], checkpoint_class_names(g['pretrained_model']), what)
 
 
 def main(argv=None) -> List[Dict]:
@@ -189,7 +195,7 @@ def main(argv=None) -> List[Dict]:
     if not paths:
         raise DataError(f'no images found in {" ".join(args.images)} (image files, folders or glob patterns; '
                         f'extensions {", ".join(IMG_EXTENSIONS)})')
-    run, transform, num_classes, names, what = _build_runner(args)
+    run, read, num_classes, names, what = _build_runner(args)
     if args.labels:
         names = read_labels(args.labels)
     if names is not None and num_classes is not None and len(names) != num_classes:
@@ -212,8 +218,8 @@ def main(argv=None) -> List[Dict]:
     skipped = 0
     for path in paths:
         try:
-            image = transform(read_rgb(path))
-        except Exception as e:  # any reason: truncated, not an image, unreadable
+            image = read(path)
+        except Exception as e:  # any reason: truncated, not an image, too large, unreadable
             log(f'skipped unreadable image {path}: {type(e).__name__}: {e}')
             skipped += 1
             continue

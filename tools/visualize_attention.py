@@ -62,8 +62,10 @@ class VisualizeError(ValueError):
 
 # ------------------------------------------------------------------------------------------------ weights
 def load_image(path: str, cfg: dict):
-    """(model input (1, 3, H, W) float32, the same input as uint8 (H, W, 3) for display): eval transform."""
-    chw = np.asarray(build_transform(cfg, train=False)(read_rgb(path)), dtype=np.float32)
+    """(model input (1, 3, H, W) float32, the same input as uint8 (H, W, 3) for display): the file read at most
+    Data.max_image_pixels (common.data.read_image), then the eval transform."""
+    image = read_rgb(path, cfg['Data']['max_image_pixels'])
+    chw = np.asarray(build_transform(cfg, train=False)(image), dtype=np.float32)
     mean = np.asarray(cfg['Data']['mean'], np.float32).reshape(3, 1, 1)
     std = np.asarray(cfg['Data']['std'], np.float32).reshape(3, 1, 1)
     shown = np.clip((chw * std + mean) * 255.0 + 0.5, 0, 255).astype(np.uint8).transpose(1, 2, 0)
