@@ -1,0 +1,186 @@
+"""The transfer demonstration (docs/training.md, "What transfer does"): pretrain the quickstart MaxViT on rendered
+letters, then teach it the built-in shapes from a few labelled images per class in four ways at one budget (from
+scratch, fine-tuned, fine-tuned with layer-wise lr decay, and as a linear probe), and deploy the fine-tuned model
+through OpenVINO in fp32 and bf16. It shows the mechanics of transfer on data the project renders itself; it says
+nothing about transfer from ImageNet.
+
+    python -m tools.transfer_demo                      # about 25 minutes on 2 CPU cores
+    python -m tools.transfer_demo --labels 10 --seeds 0 --epochs 5 --pretrain-epochs 1   # a quick look
+
+Every training is a train.py command, printed before it runs (rerun one to look at it); each writes into
+--out/NAME. Finished runs are reused: delete --out to start over. The table goes to stdout and --out/results.md.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+if __package__ != 'tools':
+    sys.exit('run the tools as modules from the repository root: python -m tools.transfer_demo')
+
+from common.shapes import GLYPHS, SHAPES  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = str(ROOT / 'configs' / 'quickstart.yaml')  # the model (32x32, three stages), the from-scratch recipe
+GLYPHS_PER_CLASS = {'train': 300, 'val': 40}  # 26 letters: 7,800 training images
+
+# What differs between the ways of learning the shapes, over the quickstart recipe (the same epochs, batch,
+# schedule shape and augmentation for all): where the weights start, what trains, and the lr. Each lr is the best
+# of a sweep on seed 0 with 10 labels per class (docs/training.md, "What transfer does", lists it).
+MODES: Dict[str, List[str]] = {
+    'scratch': ['Optimizer.lr=4e-3'],
+    'fine-tune': ['Optimizer.lr=4e-3'],
+    'fine-tune, layer decay 0.6': ['Optimizer.lr=4e-3', 'Optimizer.layer_decay=0.6'],
+    'linear probe': ['Optimizer.lr=1e-2', 'Global.linear_probe=true'],
+}
+
+
+def sh(cmd: List[str]) -> str:
+    return ' '.join(shlex.quote(c) for c in cmd)
+
+
+def write_data(data: Path, labels: List[int], out: Path) -> Dict[int, str]:
+    """The letters (DATA/glyphs), the built-in shapes (DATA/shapes, as train.py writes them for the quickstart)
+    and K-labels-per-class copies of the shapes' training images (OUT/shapes_kK/train: the first K files of each
+    class). Returns {K: training root}."""
+    from common.shapes import SHAPES_PER_CLASS, make_dataset
+    for split, seed in (('train', 0), ('val', 1)):
+        for kind, per_class in (('glyphs', GLYPHS_PER_CLASS), ('shapes', SHAPES_PER_CLASS)):
+            if not (data / kind / split).is_dir():
+                (data / kind).mkdir(parents=True, exist_ok=True)
+                make_dataset(str(data / kind / split), kind, per_class[split], seed=seed)
+    roots = {}
+    for k in labels:
+        root = out / f'shapes_k{k}' / 'train'
+        if not root.is_dir():
+            for name in SHAPES:
+                (root / name).mkdir(parents=True, exist_ok=True)
+                for f in sorted((data / 'shapes' / 'train' / name).iterdir())[:k]:
+                    shutil.copyfile(f, root / name / f.name)
+        roots[k] = str(root)
+    return roots
+
+
+def train(name: str, overrides: List[str], out: Path) -> Path:
+    """python train.py -c CONFIG -o ... into OUT/NAME, unless a finished run is there."""
+    run = out / name
+    log = run / 'train.log'
+    if log.is_file() and ' done: best top-1 ' in log.read_text():
+        print(f'# {name}: finished before, reused', flush=True)
+        return run
+    cmd = [sys.executable, str(ROOT / 'train.py'), '-c', CONFIG] + [
+        a for o in overrides + [f'Global.output_dir={run}'] for a in ('-o', o)]
+    print(f'# {name}\n{sh(["python"] + cmd[1:])}', flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return run
+
+
+def final_top1(run: Path, weights: str = 'ema') -> float:
+    """Top-1 of the last evaluation in RUN/train.log (the final weights, not the best epoch's)."""
+    found = re.findall(rf'eval \({weights}\): top-1 ([\d.]+)%', (run / 'train.log').read_text())
+    return float(found[-1])
+
+
+def deployed_top1(run: Path, val_root: Path, out: Path) -> Dict[str, object]:
+    """Export RUN/latest's EMA weights (tools.export, with ONNX) and classify VAL_ROOT through OpenVINO in fp32 and
+    bf16 (tools.predict): {'fp32': top-1, 'bf16': top-1 or the reason it did not run, 'changed': predictions
+    bf16 changes, 'images': n}; {'skipped': reason} without the deployment packages."""
+    missing = [m for m in ('paddle2onnx', 'openvino') if importlib.util.find_spec(m) is None]
+    if missing:
+        return {'skipped': f'{" and ".join(missing)} not installed (pip install -r requirements-deploy.txt)'}
+    prefix = out / 'deploy' / run.name
+    export = [sys.executable, '-m', 'tools.export', '-c', CONFIG, '-o', 'Model.num_classes=auto', '-o',
+              f'Global.pretrained_model={run}/latest', '--output', str(prefix), '--onnx']
+    print(f'# export, then the validation shapes through OpenVINO fp32 and bf16\n{sh(["python"] + export[1:])}',
+          flush=True)
+    subprocess.run(export, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+    result, predicted = {}, {}
+    for precision in ('fp32', 'bf16'):
+        cmd = [sys.executable, '-m', 'tools.predict', '--model', str(prefix), '--engine', 'openvino', '--precision',
+               precision, '--images', str(val_root), '--topk', '1', '--json', '--batch-size', '50']
+        print(sh(['python'] + cmd[1:]), flush=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if done.returncode:  # bf16 on a CPU without it: the reason, in one line
+            result[precision] = done.stderr.strip().splitlines()[-1]
+            continue
+        found = json.loads(done.stdout)
+        labels = [Path(r['image']).parent.name for r in found]
+        predicted[precision] = [r['topk'][0]['class'] for r in found]
+        result[precision] = 100.0 * sum(p == t for p, t in zip(predicted[precision], labels)) / len(labels)
+        result['images'] = len(labels)
+    if len(predicted) == 2:
+        result['changed'] = sum(a != b for a, b in zip(predicted['fp32'], predicted['bf16']))
+    return result
+
+
+def spread(values: List[float]) -> str:
+    mean = sum(values) / len(values)
+    return f'{mean:.1f}' + (f' ({min(values):.1f}-{max(values):.1f})' if len(values) > 1 else '')
+
+
+def main(argv: Optional[List[str]] = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--out', default='output/transfer', help='runs, copies of the few labelled images, results.md')
+    p.add_argument('--data', default='data', help='where the letters and the shapes are written (glyphs/, shapes/)')
+    p.add_argument('--labels', type=int, nargs='+', default=[10, 50], help='labelled shapes per class')
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='Global.seed of each run of each mode')
+    p.add_argument('--epochs', type=int, default=60, help='epochs of each run on the shapes (all modes)')
+    p.add_argument('--pretrain-epochs', type=int, default=12, help='epochs on the letters')
+    p.add_argument('--no-deploy', action='store_true', help='skip the export and the OpenVINO evaluation')
+    args = p.parse_args(argv)
+    out, data = Path(args.out).resolve(), Path(args.data).resolve()
+    roots = write_data(data, args.labels, out)
+    letters, val = data / 'glyphs', data / 'shapes' / 'val'
+    n_val = sum(1 for _ in val.rglob('*.png'))
+
+    pretrained = train('pretrain', ['Data.format=folder', f'Data.train_root={letters}/train',
+                                    f'Data.val_root={letters}/val', 'Model.num_classes=auto',
+                                    f'Global.epochs={args.pretrain_epochs}', 'Global.eval_freq=3'], out)
+    rows = [f'pretraining: {len(GLYPHS)} letters, {sum(1 for _ in (letters / "train").rglob("*.png")):,} images, '
+            f'{args.pretrain_epochs} epochs: top-1 {final_top1(pretrained):.1f}% on '
+            f'{sum(1 for _ in (letters / "val").rglob("*.png")):,} validation letters', '',
+            '| labels per class | ' + ' | '.join(MODES) + ' |', '|---|' + '---|' * len(MODES)]
+    finetuned = None
+    for k in args.labels:
+        cells = []
+        for mode, recipe in MODES.items():
+            top1 = []
+            for seed in args.seeds:
+                shared = ['Data.format=folder', f'Data.train_root={roots[k]}', f'Data.val_root={val}',
+                          'Model.num_classes=auto', f'Global.epochs={args.epochs}', f'Global.eval_freq={args.epochs}',
+                          f'Global.seed={seed}', 'Optimizer.warmup_steps=null',
+                          f'Optimizer.warmup_epochs={max(1, args.epochs // 10)}', 'Global.use_visualdl=false']
+                start = [] if mode == 'scratch' else [f'Global.pretrained_model={pretrained}/best']
+                run = train(f'k{k}_{re.sub(r"[^a-z0-9.]+", "_", mode)}_s{seed}', shared + start + recipe, out)
+                top1.append(final_top1(run))
+                if mode == 'fine-tune' and finetuned is None:
+                    finetuned = run
+            cells.append(spread(top1))
+        rows.append(f'| {k} ({k * len(SHAPES)} images) | ' + ' | '.join(cells) + ' |')
+    rows += ['', f'top-1 % on the {n_val} validation shapes after {args.epochs} epochs (the final EMA weights), mean '
+                 f'(min-max) of seeds {", ".join(map(str, args.seeds))}']
+    if not args.no_deploy and finetuned is not None:
+        d = deployed_top1(finetuned, val, out)
+        shown = {k: f'{v:.1f}%' if isinstance(v, float) else f'not run ({v})' for k, v in d.items()
+                 if k in ('fp32', 'bf16')}
+        rows += ['', f'deployed {finetuned.name}: ' + (f'skipped, {d["skipped"]}' if 'skipped' in d else
+                 f'Paddle {final_top1(finetuned):.1f}%, OpenVINO fp32 {shown["fp32"]}, OpenVINO bf16 {shown["bf16"]}'
+                 + (f' ({d["changed"]} of {d["images"]} predictions changed by bf16)' if 'changed' in d else ''))]
+    table = '\n'.join(rows)
+    (out / 'results.md').write_text(table + '\n')
+    print(table)
+    return table
+
+
+if __name__ == '__main__':
+    os.environ.setdefault('PYTHONUNBUFFERED', '1')
+    main()
