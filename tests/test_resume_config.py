@@ -1,7 +1,8 @@
 """Resuming with a changed config: compared with the config, classes and batch plan the checkpoint stores. Refused
-in one line for the model, the classes and a mid-epoch batch plan; accepted in one line for the run's length and
-rhythm; the rest of the recipe only with -o Global.resume_changes=allow (docs/training.md, "Stopping, preemption
-and resuming"). Real runs of train.main on the tiny config; the mid-epoch checkpoint is made by a real SIGTERM."""
+in one line for the model, the linear probe, the classes and a mid-epoch batch plan; accepted in one line for the
+run's length and rhythm; the rest of the recipe only with -o Global.resume_changes=allow (docs/training.md,
+"Stopping, preemption and resuming"). Real runs of train.main on the tiny config; the mid-epoch checkpoint is made
+by a real SIGTERM."""
 import os
 import signal
 
@@ -57,6 +58,14 @@ def test_a_changed_model_is_refused_naming_the_keys(train_args, saved):
         f"cannot resume {saved['end']}: Model.stage_dim, Model.mbconv_ksize changed since the checkpoint "
         f"(Model.stage_dim 16 -> 32, Model.mbconv_ksize 3 -> 5). Resume with the checkpoint's settings, or start a "
         f"new run in another Global.output_dir (-o Global.pretrained_model={saved['end']} starts from its weights)")
+
+
+def test_switching_the_linear_probe_is_refused_even_when_changes_are_allowed(train_args, saved):
+    """A probe's optimizer holds the classifier's state only: switching it on or off cannot continue the run."""
+    with pytest.raises(ConfigError) as e:
+        resume(train_args, saved['end'], 'Global.linear_probe=true', 'Global.resume_changes=allow')
+    assert one_line(e).startswith(f"cannot resume {saved['end']}: Global.linear_probe changed since the checkpoint "
+                                  f"(Global.linear_probe false -> true)")
 
 
 def test_renamed_classes_are_refused(train_args, saved, shapes, copy_of):
