@@ -79,9 +79,9 @@ class Global(_Section):
     @field_validator('linear_probe')
     @classmethod
     def _probe_needs_weights(cls, value, info: ValidationInfo):
-        if value and not info.data.get('pretrained_model') and not info.data.get('resume'):
-            raise ValueError('true only with Global.pretrained_model (the weights whose features the classifier '
-                             'probes) or Global.resume; a probe of random features learns nothing worth keeping')
+        if value and not info.data.get('pretrained_model'):  # a resumed probe names its weights too
+            raise ValueError('true only with Global.pretrained_model, the weights whose features the classifier '
+                             'probes (a probe of random features learns nothing worth keeping)')
         return value
 
     @field_validator('to_static')
@@ -184,6 +184,14 @@ class Optimizer(_Section):
     beta2: float = Field(0.999, ge=0, lt=1, description='AdamW second-moment decay')
     epsilon: float = Field(1e-8, gt=0, description='AdamW denominator term')
     clip_grad: float = Field(1.0, ge=0, description='the global gradient norm to clip to; 0 disables')
+
+    @field_validator('layer_decay')
+    @classmethod
+    def _not_for_a_probe(cls, value, info: ValidationInfo):
+        if value is not None and info.context['Global']['linear_probe']:
+            raise ValueError('null when Global.linear_probe is true: a probe trains only the classifier, at the lr '
+                             'itself')
+        return value
 
     @field_validator('min_lr')
     @classmethod
@@ -348,7 +356,8 @@ def validate(cfg, sources: Optional[Dict[tuple, str]] = None, origin: Optional[s
         if section is None:
             continue
         try:
-            out[name] = section.model_validate(given[name], context={'Model': out['Model']}).model_dump()
+            # the cross-section rules read Model and the sections before this one (Global first)
+            out[name] = section.model_validate(given[name], context=out).model_dump()
         except ValidationError as e:
             error = min(e.errors(), key=lambda x: x['type'] != 'extra_forbidden')  # an unknown key first
             key = error['loc'][0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import paddle
 
@@ -54,52 +54,55 @@ def no_weight_decay(name: str, param) -> bool:
     return param.ndim <= 1 or name.endswith('relative_bias_table')
 
 
+def layer_scales(num_stages: int, decay: float) -> List[float]:
+    """Layer-wise lr decay (BEiT, arXiv:2106.08254) as timm groups MaxViT (param_groups_layer_decay with
+    MaxxVit.group_matcher): the stem is layer 0, stage i layer i, the head (everything after the last stage) layer
+    S + 1, and layer l trains at lr x decay ** (S + 1 - l). Returns the multipliers [stem, stage 1..S, head]: the
+    head 1, the last stage decay, the stem, deepest, decay ** (S + 1)."""
+    return [decay ** (num_stages + 1 - layer) for layer in range(num_stages + 2)]
+
+
 def layer_lr_scales(model: paddle.nn.Layer, decay: float) -> Dict[str, float]:
-    """Each parameter's learning-rate multiplier under layer-wise decay (BEiT, arXiv:2106.08254), grouped as timm
-    groups MaxViT (param_groups_layer_decay with MaxxVit.group_matcher): the stem is layer 0, stage i layer i, the
-    head (everything after the last stage) layer S + 1 of S stages, and a parameter of layer l gets
-    decay ** (S + 1 - l): the head the full lr, the last stage lr x decay, the stem, deepest, lr x decay ** (S + 1)."""
-    top = len(model.max_blocks) + 1
+    """Each parameter's lr multiplier under layer-wise decay (layer_scales), by its name."""
+    scales = layer_scales(len(model.max_blocks), decay)
 
     def layer(name: str) -> int:
         if name.startswith('conv_stem.'):
             return 0
         if name.startswith('max_blocks.'):
             return int(name.split('.')[1]) + 1
-        return top
+        return len(scales) - 1
 
-    return {name: decay ** (top - layer(name)) for name, _ in model.named_parameters()}
+    return {name: scales[layer(name)] for name, _ in model.named_parameters()}
 
 
 def layer_decay_line(model: paddle.nn.Layer, decay: float) -> str:
-    """The per-layer multipliers in one log line."""
-    scales = layer_lr_scales(model, decay)
-    stages = ', '.join(f'{decay ** (i + 1):.3g}' for i in range(len(model.max_blocks)))  # the last stage first
-    return (f'layer-wise lr decay {decay:g}: lr x {max(scales.values()):.3g} for the head, x {stages} for stages '
-            f'{len(model.max_blocks)}..1, x {min(scales.values()):.3g} for the stem')
+    """The multipliers in one log line."""
+    scales = layer_scales(len(model.max_blocks), decay)
+    stages = ', '.join(f'{s:.3g}' for s in reversed(scales[1:-1]))
+    return (f'layer-wise lr decay {decay:g}: lr x 1 for the head, x {stages} for stages {len(scales) - 2}..1, '
+            f'x {scales[0]:.3g} for the stem')
 
 
 def build_optimizer(model: paddle.nn.Layer, cfg: Dict, peak_lr: float, total_steps: int
                     ) -> Tuple[paddle.optimizer.Optimizer, paddle.optimizer.lr.LRScheduler]:
     """AdamW and its lr schedule over ``total_steps`` optimizer steps (Global.epochs equal epochs), for the
-    parameters that train (a linear probe's classifier only); with Optimizer.layer_decay one parameter group per
-    layer, its lr multiplied by layer_lr_scales."""
+    parameters that train (a linear probe's classifier only), each at its layer_lr_scales multiple of the lr with
+    Optimizer.layer_decay."""
     o = cfg['Optimizer']
     warmup, min_lr = warmup_steps(cfg, total_steps // cfg['Global']['epochs']), min(o['min_lr'], peak_lr)
     schedule = paddle.optimizer.lr.LambdaDecay(
         1.0, lambda step: cosine_lr(step, total_steps, warmup, peak_lr, min_lr))
     params = [(n, p) for n, p in model.named_parameters() if not p.stop_gradient]
     decay_names = {p.name for n, p in params if not no_weight_decay(n, p)}
-    groups = [p for _, p in params]
-    if o['layer_decay'] is not None:
-        scales, by_scale = layer_lr_scales(model, o['layer_decay']), {}
-        for n, p in params:
-            by_scale.setdefault(scales[n], []).append(p)
-        # Paddle multiplies a group's learning_rate into the schedule's lr for each of its parameters
-        groups = [{'params': ps, 'learning_rate': scale} for scale, ps in by_scale.items()]
+    # The multiplier is each parameter's own (what ParamAttr(learning_rate=...) sets; Paddle multiplies it into the
+    # schedule's lr), in one parameter list: parameter groups would make ClipGradByGlobalNorm clip each group alone.
+    scales = layer_lr_scales(model, o['layer_decay']) if o['layer_decay'] is not None else {}
+    for n, p in params:
+        p.optimize_attr['learning_rate'] = scales.get(n, 1.0)
     optimizer = paddle.optimizer.AdamW(
         learning_rate=schedule, beta1=o['beta1'], beta2=o['beta2'], epsilon=o['epsilon'],
-        parameters=groups, weight_decay=o['weight_decay'],
+        parameters=[p for _, p in params], weight_decay=o['weight_decay'],
         apply_decay_param_fun=lambda name: name in decay_names,
         grad_clip=paddle.nn.ClipGradByGlobalNorm(o['clip_grad']) if o['clip_grad'] > 0 else None,
         multi_precision=cfg['AMP']['enable'] and cfg['AMP']['level'] == 'O2')
@@ -120,8 +123,8 @@ class ModelEma:
     def update(self, model: paddle.nn.Layer) -> None:
         self.updates += 1
         d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
-        for k, v in model.state_dict().items():
-            self.state[k] = self.state[k] * d + v.astype('float32') * (1.0 - d)
+        for k, v in model.state_dict().items():  # ema + (v - ema)(1 - d): a tensor that never moved stays exact
+            self.state[k] = self.state[k] + (v.astype('float32') - self.state[k]) * (1.0 - d)
 
     def state_dict(self) -> Dict:
         return {'decay': self.decay, 'updates': self.updates, 'state': {k: v.numpy() for k, v in self.state.items()}}

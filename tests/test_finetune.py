@@ -208,10 +208,51 @@ def test_layer_decay_first_step_moves_each_parameter_by_its_layers_lr():
     assert seen == {0.5 ** k for k in range(6)}
 
 
+def test_layer_decay_keeps_gradient_clipping_global():
+    """Optimizer.clip_grad clips the norm of all gradients at once, with layer decay as without it: fed the same
+    gradients, the head (lr x 1 either way) follows the same path under both optimizers while the clip is active and
+    each layer's share of the norm changes from step to step. The control shows the test can fail: Paddle parameter
+    groups (one per layer) clip each group on its own, and the head's path differs."""
+    overrides = ['Model.num_classes=10', 'Optimizer.clip_grad=0.1', 'Optimizer.warmup_steps=0']
+    plain_cfg, decay_cfg = tiny_cfg(*overrides), tiny_cfg(*overrides, 'Optimizer.layer_decay=0.5')
+    paddle.seed(0)
+    models = [build_model(plain_cfg) for _ in range(3)]
+    for m in models[1:]:
+        m.set_state_dict(models[0].state_dict())
+    optimizers = [build_optimizer(models[0], plain_cfg, peak_lr=1e-2, total_steps=10)[0],
+                  build_optimizer(models[1], decay_cfg, peak_lr=1e-2, total_steps=10)[0]]
+    names = [n for n, p in models[0].named_parameters() if not p.stop_gradient]
+    scales = layer_lr_scales(models[2], 0.5)
+    by_scale = {}
+    for n, p in models[2].named_parameters():
+        if not p.stop_gradient:
+            by_scale.setdefault(scales[n], []).append(p)
+    optimizers.append(paddle.optimizer.AdamW(  # the control: the same multipliers as parameter groups
+        learning_rate=1e-2, weight_decay=0.05, grad_clip=paddle.nn.ClipGradByGlobalNorm(0.1),
+        parameters=[{'params': ps, 'learning_rate': s} for s, ps in by_scale.items()]))
+    rng = np.random.default_rng(0)
+    for step in range(4):
+        # a linear loss: fixed gradients, the same for the three models, each parameter at its own scale this step
+        coef = {n: paddle.to_tensor(rng.standard_normal(dict(models[0].named_parameters())[n].shape)
+                                    * 10.0 ** rng.uniform(-2, 1), dtype='float32') for n in names}
+        for model, optimizer in zip(models, optimizers):
+            params = dict(model.named_parameters())
+            sum((coef[n] * params[n]).sum() for n in names).backward()
+            optimizer.step()
+            optimizer.clear_grad()
+    head = [n for n in names if scales[n] == 1.0]
+    plain, decayed, grouped = (dict(m.named_parameters()) for m in models)
+    for n in head:
+        np.testing.assert_allclose(decayed[n].numpy(), plain[n].numpy(), rtol=1e-6, atol=1e-8, err_msg=n)
+    assert max(np.abs(grouped[n].numpy() - plain[n].numpy()).max() for n in head) > 1e-4
+    stem = [n for n in names if n.startswith('conv_stem.')]
+    assert max(np.abs(decayed[n].numpy() - plain[n].numpy()).max() for n in stem) > 1e-4  # decay did act
+
+
 def test_linear_probe_trains_only_the_classifier(shapes, tmp_path):
     """Global.linear_probe from weights with a classifier of another class count: after each epoch every tensor but
-    the new classifier is bit-identical to the weights, BatchNorm running statistics included; the classifier
-    moves. (That a probe learns from features worth probing: docs/training.md, 'What transfer does'.)"""
+    the new classifier is bit-identical to the weights, BatchNorm running statistics included, in the raw weights
+    and in their EMA; the classifier moves. (That a probe learns from features worth probing: docs/training.md, 'What transfer does'.)"""
     paddle.seed(0)
     start = {k: v.numpy() for k, v in MaxViT(tiny_cfg('Model.num_classes=3')['Model']).state_dict().items()}
     weights = tmp_path / 'pretrained.pdparams'
@@ -221,17 +262,26 @@ def test_linear_probe_trains_only_the_classifier(shapes, tmp_path):
                                f'Global.pretrained_model={weights}', 'Global.epochs=2', 'Global.save_epoch_freq=1'))
     assert 'MaxViT: 1,290 trainable parameters (Global.linear_probe' in log_of(out_dir)  # 128 features x 10 + 10
     first, last = (load_checkpoint(str(out_dir / name))[0] for name in ('epoch_1', 'latest'))
+    ema = load_checkpoint(str(out_dir / 'latest'))[2]['ema']['state']  # the weights evaluated and exported
     assert any(k.endswith('_mean') for k in last) and any(k.endswith('_variance') for k in last)
     for key in start:
         if not key.startswith('proj.'):
-            np.testing.assert_array_equal(np.asarray(first[key]), start[key], err_msg=key)
-            np.testing.assert_array_equal(np.asarray(last[key]), start[key], err_msg=key)
+            for weights in (first, last, ema):
+                np.testing.assert_array_equal(np.asarray(weights[key]), start[key], err_msg=key)
     assert np.abs(np.asarray(last['proj.weight']) - np.asarray(first['proj.weight'])).max() > 1e-4
 
 
-def test_linear_probe_needs_weights():
-    with pytest.raises(ConfigError, match='Global.linear_probe.*true only with Global.pretrained_model'):
-        tiny_cfg('Global.linear_probe=true')
+@pytest.mark.parametrize('others', [[], ['Global.resume=auto']])  # auto with no checkpoint would start at random
+def test_linear_probe_needs_weights(others):
+    with pytest.raises(ConfigError, match='Global.linear_probe is true; it must be true only with '
+                                          'Global.pretrained_model'):
+        tiny_cfg('Global.linear_probe=true', *others)
+
+
+def test_layer_decay_is_refused_for_a_linear_probe():
+    with pytest.raises(ConfigError, match='Optimizer.layer_decay is 0.8; it must be null when Global.linear_probe is '
+                                          'true: a probe trains only the classifier'):
+        tiny_cfg('Global.linear_probe=true', 'Global.pretrained_model=w.pdparams', 'Optimizer.layer_decay=0.8')
 
 
 @pytest.mark.parametrize('size', ['t', 's', 'b', 'l'])
