@@ -290,11 +290,11 @@ def train_epoch(run: RunState, learner: Learner, loader, skipped: SkipReport, cf
         timer.step()
         log.progress(run.epoch_step, steps, f'loss {loss_value:.4f}')
         if run.step % G['print_freq'] == 0 or run.epoch_step == steps:
-            mean_loss, lr = loss_sum / loss_n, step_lr
+            mean_loss = loss_sum / loss_n
             ips = seen * env.world_size / (time.perf_counter() - t_log)  # images/s of all processes
             log.info(f'epoch {epoch + 1}/{G["epochs"]} step {run.epoch_step}/{steps} loss {mean_loss:.4f} '
-                     f'lr {lr:.3e} {ips:.1f} img/s eta {timer.eta()} mem {peak_memory_gb(env.device):.2f}G')
-            for name, value in (('loss', mean_loss), ('lr', lr), ('images_per_sec', ips)):
+                     f'lr {step_lr:.3e} {ips:.1f} img/s eta {timer.eta()} mem {peak_memory_gb(env.device):.2f}G')
+            for name, value in (('loss', mean_loss), ('lr', step_lr), ('images_per_sec', ips)):
                 log.scalar(f'train/{name}', value, run.step)
             loss_sum, loss_n, seen, t_log = 0.0, 0, 0, time.perf_counter()
         stopping = stop.requested()  # asked after every step, by every process (a collective with several)

@@ -1,7 +1,7 @@
 """notebooks/maxvit_walkthrough.ipynb runs top to bottom in a fresh kernel, as a user runs it, started from
 notebooks/, with its data and checkpoints in a temporary folder (MAXVIT_WORKDIR). The notebook file itself is never
 written. Its parameters cell is set to a run of 8 optimizer steps and a fine-tuning of one epoch (3 steps), as a
-tool like papermill would: the default run (6 epochs, about 80 s, then 15 epochs of fine-tuning, about 10 s; the
+tool like papermill would: the default run (6 epochs, 30 to 40 s, then 15 epochs of fine-tuning, about 10 s; the
 notebook states what they reached) is a measurement, not a test, and training that learns is tested in
 tests/test_train.py. Needs nbclient and ipykernel (requirements-dev.txt); about 20 s on 2 CPU cores."""
 import json

@@ -590,8 +590,9 @@ def test_predict_skips_unreadable_images(run, tmp_path, capsys):
 
 
 def test_predict_keeps_to_the_pixel_cap(run, exported, tmp_path, capsys):
-    """Data.max_image_pixels caps what predict decodes, as in training: a PNG above it is skipped with its reason
-    (with -c, from the config; with --model, the default cap of the export's preprocessing)."""
+    """Data.max_image_pixels caps what predict decodes with -c, as in training: a PNG above it is skipped with its
+    reason, the others classified. (--model takes the default cap, 40 megapixels, from the export's
+    preprocessing: both images pass.)"""
     from PIL import Image
     folder = tmp_path / 'sizes'
     folder.mkdir()
