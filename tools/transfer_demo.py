@@ -5,24 +5,26 @@ through OpenVINO in fp32 and bf16. It shows the mechanics of transfer on data th
 nothing about transfer from ImageNet.
 
     python -m tools.transfer_demo                      # about 22 minutes on 2 CPU cores
+    python -m tools.transfer_demo --sweep --labels 10 --seeds 0     # the lr sweep that chose MODES' lrs, 12 min
     python -m tools.transfer_demo --labels 10 --seeds 0 --epochs 5 --pretrain-epochs 1   # a quick look
 
 Every training is a train.py command, printed before it runs (rerun one to look at it); each writes into
---out/NAME. Finished runs are reused: delete --out to start over. The table goes to stdout and --out/results.md.
+--out/NAME, named by what it varies (k10_e60_fine_tune_s0: labels, epochs, mode, seed). A run whose command
+finished before is reused (its command.txt); delete --out to start over. The table goes to stdout and to
+--out/results.md (--sweep: --out/sweep.md).
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
-import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 if __package__ != 'tools':
     sys.exit('run the tools as modules from the repository root: python -m tools.transfer_demo')
@@ -35,24 +37,37 @@ GLYPHS_PER_CLASS = {'train': 300, 'val': 40}  # 26 letters: 7,800 training image
 
 # What differs between the ways of learning the shapes, over the quickstart recipe (the same epochs, batch,
 # schedule shape and augmentation for all): where the weights start, what trains, and the lr. Each lr is the best
-# of a sweep on seed 0 with 10 labels per class (docs/training.md, "What transfer does", lists it).
+# of --sweep (seed 0, 10 labels per class; docs/training.md, "What transfer does", lists it).
 MODES: Dict[str, List[str]] = {
     'scratch': ['Optimizer.lr=4e-3'],
     'fine-tune': ['Optimizer.lr=4e-3'],
     'fine-tune, layer decay 0.6': ['Optimizer.lr=4e-3', 'Optimizer.layer_decay=0.6'],
     'linear probe': ['Optimizer.lr=1e-2', 'Global.linear_probe=true'],
 }
+# --sweep: the lrs tried for each mode, and one more layer decay
+SWEEP_LRS = ['5e-4', '1e-3', '2e-3', '4e-3', '8e-3']
+SWEEP: Dict[str, Tuple[List[str], List[str]]] = {
+    **{mode: ([o for o in recipe if not o.startswith('Optimizer.lr=')], SWEEP_LRS) for mode, recipe in MODES.items()},
+    'fine-tune, layer decay 0.75': (['Optimizer.layer_decay=0.75'], SWEEP_LRS),
+    'linear probe': (['Global.linear_probe=true'], ['3e-3', '1e-2', '3e-2']),
+}
 
 
 def sh(cmd: List[str]) -> str:
+    """A command as one would type it."""
     return ' '.join(shlex.quote(c) for c in cmd)
+
+
+def run_name(mode: str, labels: int, epochs: int, seed: int) -> str:
+    """The folder of one run in --out, e.g. k10_e60_fine_tune_s0."""
+    return f'k{labels}_e{epochs}_{re.sub(r"[^a-z0-9.]+", "_", mode)}_s{seed}'
 
 
 def write_data(data: Path, labels: List[int], out: Path) -> Dict[int, str]:
     """The letters (DATA/glyphs), the built-in shapes (DATA/shapes, as train.py writes them for the quickstart)
     and K-labels-per-class copies of the shapes' training images (OUT/shapes_kK/train: the first K files of each
     class). Returns {K: training root}."""
-    from common.shapes import SHAPES_PER_CLASS, make_dataset
+    from common.shapes import SHAPES_PER_CLASS, make_dataset  # read at the call: tests shrink the dataset
     for split, seed in (('train', 0), ('val', 1)):
         for kind, per_class in (('glyphs', GLYPHS_PER_CLASS), ('shapes', SHAPES_PER_CLASS)):
             if not (data / kind / split).is_dir():
@@ -71,16 +86,21 @@ def write_data(data: Path, labels: List[int], out: Path) -> Dict[int, str]:
 
 
 def train(name: str, overrides: List[str], out: Path) -> Path:
-    """python train.py -c CONFIG -o ... into OUT/NAME, unless a finished run is there."""
+    """python train.py -c CONFIG -o ... into OUT/NAME, unless that command finished there before (its
+    OUT/NAME/command.txt, written at the end); a finished run of another command is an error."""
     run = out / name
-    log = run / 'train.log'
-    if log.is_file() and ' done: best top-1 ' in log.read_text():
-        print(f'# {name}: finished before, reused', flush=True)
-        return run
     cmd = [sys.executable, str(ROOT / 'train.py'), '-c', CONFIG] + [
         a for o in overrides + [f'Global.output_dir={run}'] for a in ('-o', o)]
-    print(f'# {name}\n{sh(["python"] + cmd[1:])}', flush=True)
+    typed, record = sh(['python'] + cmd[1:]), run / 'command.txt'
+    if record.is_file():
+        if record.read_text() != typed + '\n':
+            raise SystemExit(f'{run} holds a finished run of another command ({record}): delete it, or give '
+                             f'another --out')
+        print(f'# {name}: finished before, reused', flush=True)
+        return run
+    print(f'# {name}\n{typed}', flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    record.write_text(typed + '\n')
     return run
 
 
@@ -122,7 +142,17 @@ def deployed_top1(run: Path, val_root: Path, out: Path) -> Dict[str, object]:
     return result
 
 
+def deployed_line(d: Dict[str, object], paddle_top1: float) -> str:
+    """deployed_top1's result in words."""
+    if 'skipped' in d:
+        return f'skipped, {d["skipped"]}'
+    shown = {p: f'{d[p]:.1f}%' if isinstance(d[p], float) else f'not run ({d[p]})' for p in ('fp32', 'bf16')}
+    changed = f' ({d["changed"]} of {d["images"]} predictions changed by bf16)' if 'changed' in d else ''
+    return f'Paddle {paddle_top1:.1f}%, OpenVINO fp32 {shown["fp32"]}, OpenVINO bf16 {shown["bf16"]}{changed}'
+
+
 def spread(values: List[float]) -> str:
+    """'mean (min-max)' of top-1 values."""
     mean = sum(values) / len(values)
     return f'{mean:.1f}' + (f' ({min(values):.1f}-{max(values):.1f})' if len(values) > 1 else '')
 
@@ -136,15 +166,40 @@ def main(argv: Optional[List[str]] = None) -> str:
     p.add_argument('--epochs', type=int, default=60, help='epochs of each run on the shapes (all modes)')
     p.add_argument('--pretrain-epochs', type=int, default=12, help='epochs on the letters')
     p.add_argument('--no-deploy', action='store_true', help='skip the export and the OpenVINO evaluation')
+    p.add_argument('--sweep', action='store_true',
+                   help='instead of the table: the lrs of SWEEP for each mode, at the first --labels and --seeds')
     args = p.parse_args(argv)
     out, data = Path(args.out).resolve(), Path(args.data).resolve()
     roots = write_data(data, args.labels, out)
     letters, val = data / 'glyphs', data / 'shapes' / 'val'
     n_val = sum(1 for _ in val.rglob('*.png'))
 
-    pretrained = train('pretrain', ['Data.format=folder', f'Data.train_root={letters}/train',
-                                    f'Data.val_root={letters}/val', 'Model.num_classes=auto',
-                                    f'Global.epochs={args.pretrain_epochs}', 'Global.eval_freq=3'], out)
+    pretrained = train(f'pretrain_e{args.pretrain_epochs}', [
+        'Data.format=folder', f'Data.train_root={letters}/train', f'Data.val_root={letters}/val',
+        'Model.num_classes=auto', f'Global.epochs={args.pretrain_epochs}', 'Global.eval_freq=3'], out)
+
+    def learn(mode: str, recipe: List[str], k: int, seed: int, name: str) -> Path:
+        """One run on the K-label shapes: the shared budget, the letters' weights unless from scratch."""
+        shared = ['Data.format=folder', f'Data.train_root={roots[k]}', f'Data.val_root={val}',
+                  'Model.num_classes=auto', f'Global.epochs={args.epochs}', f'Global.eval_freq={args.epochs}',
+                  f'Global.seed={seed}', 'Optimizer.warmup_steps=null',
+                  f'Optimizer.warmup_epochs={max(1, args.epochs // 10)}', 'Global.use_visualdl=false']
+        start = [] if mode == 'scratch' else [f'Global.pretrained_model={pretrained}/best']
+        return train(name, shared + start + recipe, out)
+
+    if args.sweep:
+        k, seed = args.labels[0], args.seeds[0]
+        rows = [f'lr sweep, {k} labels per class, seed {seed}, {args.epochs} epochs: top-1 % on {n_val} validation '
+                f'shapes']
+        for mode, (recipe, lrs) in SWEEP.items():
+            top1 = [final_top1(learn(mode, recipe + [f'Optimizer.lr={lr}'], k, seed,
+                                     'sweep_' + run_name(f'{mode} lr {lr}', k, args.epochs, seed))) for lr in lrs]
+            rows.append(f'{mode}: ' + ', '.join(f'{t:.1f} at {lr}' for t, lr in zip(top1, lrs)))
+        table = '\n'.join(rows)
+        (out / 'sweep.md').write_text(table + '\n')
+        print(table)
+        return table
+
     rows = [f'pretraining: {len(GLYPHS)} letters, {sum(1 for _ in (letters / "train").rglob("*.png")):,} images, '
             f'{args.pretrain_epochs} epochs: top-1 {final_top1(pretrained):.1f}% on '
             f'{sum(1 for _ in (letters / "val").rglob("*.png")):,} validation letters', '',
@@ -153,28 +208,15 @@ def main(argv: Optional[List[str]] = None) -> str:
     for k in args.labels:
         cells = []
         for mode, recipe in MODES.items():
-            top1 = []
-            for seed in args.seeds:
-                shared = ['Data.format=folder', f'Data.train_root={roots[k]}', f'Data.val_root={val}',
-                          'Model.num_classes=auto', f'Global.epochs={args.epochs}', f'Global.eval_freq={args.epochs}',
-                          f'Global.seed={seed}', 'Optimizer.warmup_steps=null',
-                          f'Optimizer.warmup_epochs={max(1, args.epochs // 10)}', 'Global.use_visualdl=false']
-                start = [] if mode == 'scratch' else [f'Global.pretrained_model={pretrained}/best']
-                run = train(f'k{k}_{re.sub(r"[^a-z0-9.]+", "_", mode)}_s{seed}', shared + start + recipe, out)
-                top1.append(final_top1(run))
-                if mode == 'fine-tune' and seed == args.seeds[0]:
-                    finetuned.append(run)
-            cells.append(spread(top1))
+            runs = [learn(mode, recipe, k, seed, run_name(mode, k, args.epochs, seed)) for seed in args.seeds]
+            cells.append(spread([final_top1(run) for run in runs]))
+            if mode == 'fine-tune':
+                finetuned.append(runs[0])
         rows.append(f'| {k} ({k * len(SHAPES)} images) | ' + ' | '.join(cells) + ' |')
     rows += ['', f'top-1 % on the {n_val} validation shapes after {args.epochs} epochs (the final EMA weights), mean '
                  f'(min-max) of seeds {", ".join(map(str, args.seeds))}', '']
     for run in finetuned if not args.no_deploy else []:
-        d = deployed_top1(run, val, out)
-        shown = {k: f'{v:.1f}%' if isinstance(v, float) else f'not run ({v})' for k, v in d.items()
-                 if k in ('fp32', 'bf16')}
-        rows += [f'deployed {run.name}: ' + (f'skipped, {d["skipped"]}' if 'skipped' in d else
-                 f'Paddle {final_top1(run):.1f}%, OpenVINO fp32 {shown["fp32"]}, OpenVINO bf16 {shown["bf16"]}'
-                 + (f' ({d["changed"]} of {d["images"]} predictions changed by bf16)' if 'changed' in d else ''))]
+        rows.append(f'deployed {run.name}: {deployed_line(deployed_top1(run, val, out), final_top1(run))}')
     table = '\n'.join(rows)
     (out / 'results.md').write_text(table + '\n')
     print(table)
@@ -182,5 +224,4 @@ def main(argv: Optional[List[str]] = None) -> str:
 
 
 if __name__ == '__main__':
-    os.environ.setdefault('PYTHONUNBUFFERED', '1')
     main()
