@@ -40,7 +40,7 @@ GLYPHS_PER_CLASS = {'train': 300, 'val': 40}  # 26 letters: 7,800 training image
 # of --sweep (seed 0, 10 labels per class; docs/training.md, "What transfer does", lists it).
 MODES: Dict[str, List[str]] = {
     'scratch': ['Optimizer.lr=4e-3'],
-    'fine-tune': ['Optimizer.lr=4e-3'],
+    'fine-tune': ['Optimizer.lr=2e-3'],
     'fine-tune, layer decay 0.6': ['Optimizer.lr=4e-3', 'Optimizer.layer_decay=0.6'],
     'linear probe': ['Optimizer.lr=1e-2', 'Global.linear_probe=true'],
 }
