@@ -63,7 +63,8 @@ def test_a_changed_model_is_refused_naming_the_keys(train_args, saved):
 def test_switching_the_linear_probe_is_refused_even_when_changes_are_allowed(train_args, saved):
     """A probe's optimizer holds the classifier's state only: switching it on or off cannot continue the run."""
     with pytest.raises(ConfigError) as e:
-        resume(train_args, saved['end'], 'Global.linear_probe=true', 'Global.resume_changes=allow')
+        resume(train_args, saved['end'], 'Global.linear_probe=true', f"Global.pretrained_model={saved['end']}",
+               'Global.resume_changes=allow')
     assert one_line(e).startswith(f"cannot resume {saved['end']}: Global.linear_probe changed since the checkpoint "
                                   f"(Global.linear_probe false -> true)")
 
