@@ -53,9 +53,9 @@ SWEEP: Dict[str, Tuple[List[str], List[str]]] = {
 }
 
 
-def sh(cmd: List[str]) -> str:
-    """A command as one would type it."""
-    return ' '.join(shlex.quote(c) for c in cmd)
+def typed(cmd: List[str]) -> str:
+    """[sys.executable, ARGS...] as one would type it: python ARGS."""
+    return shlex.join(['python'] + cmd[1:])
 
 
 def run_name(mode: str, labels: int, epochs: int, seed: int) -> str:
@@ -91,16 +91,16 @@ def train(name: str, overrides: List[str], out: Path) -> Path:
     run = out / name
     cmd = [sys.executable, str(ROOT / 'train.py'), '-c', CONFIG] + [
         a for o in overrides + [f'Global.output_dir={run}'] for a in ('-o', o)]
-    typed, record = sh(['python'] + cmd[1:]), run / 'command.txt'
+    typed_cmd, record = typed(cmd), run / 'command.txt'
     if record.is_file():
-        if record.read_text() != typed + '\n':
+        if record.read_text() != typed_cmd + '\n':
             raise SystemExit(f'{run} holds a finished run of another command ({record}): delete it, or give '
                              f'another --out')
         print(f'# {name}: finished before, reused', flush=True)
         return run
-    print(f'# {name}\n{typed}', flush=True)
+    print(f'# {name}\n{typed_cmd}', flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    record.write_text(typed + '\n')
+    record.write_text(typed_cmd + '\n')
     return run
 
 
@@ -120,14 +120,14 @@ def deployed_top1(run: Path, val_root: Path, out: Path) -> Dict[str, object]:
     prefix = out / 'deploy' / run.name
     export = [sys.executable, '-m', 'tools.export', '-c', CONFIG, '-o', 'Model.num_classes=auto', '-o',
               f'Global.pretrained_model={run}/latest', '--output', str(prefix), '--onnx']
-    print(f'# export, then the validation shapes through OpenVINO fp32 and bf16\n{sh(["python"] + export[1:])}',
+    print(f'# export, then the validation shapes through OpenVINO fp32 and bf16\n{typed(export)}',
           flush=True)
     subprocess.run(export, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
     result, predicted = {}, {}
     for precision in ('fp32', 'bf16'):
         cmd = [sys.executable, '-m', 'tools.predict', '--model', str(prefix), '--engine', 'openvino', '--precision',
                precision, '--images', str(val_root), '--topk', '1', '--json', '--batch-size', '50']
-        print(sh(['python'] + cmd[1:]), flush=True)
+        print(typed(cmd), flush=True)
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if done.returncode:  # bf16 on a CPU without it: the reason, in one line
             result[precision] = done.stderr.strip().splitlines()[-1]
