@@ -459,7 +459,7 @@ def run_training(cfg: dict, env, stop: StopSignals, args, resume_cmd: str, log: 
                                              new_classifier=True)  # ema: a checkpoint's EMA weights
         log.info(f'initialised from {what}' + (f'; new classifier (not loaded): {", ".join(new)}' if new else '')
                  + (f'; bias tables resized to the new window: {len(resized)}' if resized else ''))
-    optimizer, schedule = build_optimizer(model, cfg, plan['peak_lr'], plan['total_steps'])
+    optimizer, schedule = build_optimizer(model, cfg, plan)
     if A['enable'] and A['level'] == 'O2':
         model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level='O2', dtype=A['dtype'])
     scaler = paddle.amp.GradScaler(enable=A['enable'] and A['dtype'] == 'float16',

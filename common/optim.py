@@ -84,15 +84,15 @@ def layer_decay_line(model: paddle.nn.Layer, decay: float) -> str:
             f'x {scales[0]:.3g} for the stem')
 
 
-def build_optimizer(model: paddle.nn.Layer, cfg: Dict, peak_lr: float, total_steps: int
+def build_optimizer(model: paddle.nn.Layer, cfg: Dict, plan: Dict
                     ) -> Tuple[paddle.optimizer.Optimizer, paddle.optimizer.lr.LRScheduler]:
-    """AdamW and its lr schedule over ``total_steps`` optimizer steps (Global.epochs equal epochs), for the
+    """AdamW and its lr schedule (plan's peak_lr, warmup_steps and total_steps: train.plan_steps), for the
     parameters that train (a linear probe's classifier only), each at its layer_lr_scales multiple of the lr with
     Optimizer.layer_decay."""
     o = cfg['Optimizer']
-    warmup, min_lr = warmup_steps(cfg, total_steps // cfg['Global']['epochs']), min(o['min_lr'], peak_lr)
-    schedule = paddle.optimizer.lr.LambdaDecay(
-        1.0, lambda step: cosine_lr(step, total_steps, warmup, peak_lr, min_lr))
+    total, warmup, peak = plan['total_steps'], plan['warmup_steps'], plan['peak_lr']
+    min_lr = min(o['min_lr'], peak)
+    schedule = paddle.optimizer.lr.LambdaDecay(1.0, lambda step: cosine_lr(step, total, warmup, peak, min_lr))
     params = [(n, p) for n, p in model.named_parameters() if not p.stop_gradient]
     decay_names = {p.name for n, p in params if not no_weight_decay(n, p)}
     # The multiplier is each parameter's own (what ParamAttr(learning_rate=...) sets; Paddle multiplies it into the

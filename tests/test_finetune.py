@@ -87,7 +87,7 @@ def test_warmup_epochs_give_the_schedule_its_numbers():
     # the optimizer's schedule is the same one: warmup from Optimizer.warmup_epochs
     model = MaxViT(dict(cfg['Model'], num_classes=3, stage_num_block=[1, 1, 1, 1], stem_dim=8, stage_dim=16,
                         num_heads=1, block_size=[2, 2], grid_size=[2, 2]))
-    optimizer, schedule = build_optimizer(model, cfg, plan['peak_lr'], plan['total_steps'])
+    optimizer, schedule = build_optimizer(model, cfg, plan)
     lrs = []
     for _ in range(600):
         lrs.append(optimizer.get_lr())
@@ -187,7 +187,7 @@ def test_layer_decay_first_step_moves_each_parameter_by_its_layers_lr():
                    'Optimizer.clip_grad=0.0', 'Optimizer.warmup_steps=0')
     paddle.seed(0)
     model = build_model(cfg)
-    optimizer, _ = build_optimizer(model, cfg, peak_lr=1e-2, total_steps=10)
+    optimizer, _ = build_optimizer(model, cfg, {'peak_lr': 1e-2, 'warmup_steps': 0, 'total_steps': 10})
     params = [(n, p) for n, p in model.named_parameters() if not p.stop_gradient]  # not BatchNorm statistics
     before = {n: p.numpy().copy() for n, p in params}
     x, y = paddle.randn([4, 3, 32, 32]), paddle.to_tensor([0, 1, 2, 3])
@@ -219,8 +219,8 @@ def test_layer_decay_keeps_gradient_clipping_global():
     models = [build_model(plain_cfg) for _ in range(3)]
     for m in models[1:]:
         m.set_state_dict(models[0].state_dict())
-    optimizers = [build_optimizer(models[0], plain_cfg, peak_lr=1e-2, total_steps=10)[0],
-                  build_optimizer(models[1], decay_cfg, peak_lr=1e-2, total_steps=10)[0]]
+    plan = {'peak_lr': 1e-2, 'warmup_steps': 0, 'total_steps': 10}
+    optimizers = [build_optimizer(models[0], plain_cfg, plan)[0], build_optimizer(models[1], decay_cfg, plan)[0]]
     names = [n for n, p in models[0].named_parameters() if not p.stop_gradient]
     scales = layer_lr_scales(models[2], 0.5)
     by_scale = {}
@@ -252,7 +252,8 @@ def test_layer_decay_keeps_gradient_clipping_global():
 def test_linear_probe_trains_only_the_classifier(shapes, tmp_path):
     """Global.linear_probe from weights with a classifier of another class count: after each epoch every tensor but
     the new classifier is bit-identical to the weights, BatchNorm running statistics included, in the raw weights
-    and in their EMA; the classifier moves. (That a probe learns from features worth probing: docs/training.md, 'What transfer does'.)"""
+    and in their EMA; the classifier moves. (That a probe learns from features worth probing: docs/training.md,
+    'What transfer does'.)"""
     paddle.seed(0)
     start = {k: v.numpy() for k, v in MaxViT(tiny_cfg('Model.num_classes=3')['Model']).state_dict().items()}
     weights = tmp_path / 'pretrained.pdparams'

@@ -314,7 +314,7 @@ def test_lr_schedule_warms_up_then_follows_a_cosine_to_min_lr():
     # the optimizer follows it step by step
     cfg = load_config(None, ['Optimizer.warmup_steps=10', 'Optimizer.min_lr=1e-5'])
     model = MaxViT(dict(tiny_args, stage_num_block=[1, 1, 1, 1], stem_dim=8, stage_dim=16, num_heads=1))
-    optimizer, schedule = build_optimizer(model, cfg, peak, total)
+    optimizer, schedule = build_optimizer(model, cfg, {'peak_lr': peak, 'warmup_steps': warm, 'total_steps': total})
     for s in range(total):
         assert optimizer.get_lr() == pytest.approx(cosine_lr(s, total, warm, peak, low), rel=1e-9)
         schedule.step()
