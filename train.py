@@ -113,8 +113,8 @@ def plan_steps(cfg, env, train_set, train_loader) -> dict:
     trains with a global batch of all its images (logged with the schedule)."""
     D, O, G = cfg['Data'], cfg['Optimizer'], cfg['Global']
     per_step = D['batch_size'] * env.world_size
-    accum = max(1, round(O['global_batch_size'] / per_step)) if O['global_batch_size'] else 1
-    accum = max(1, min(accum, len(train_loader)))
+    wanted = max(1, round(O['global_batch_size'] / per_step)) if O['global_batch_size'] else 1
+    accum = max(1, min(wanted, len(train_loader)))
     global_batch = per_step * accum
     steps_per_epoch = len(train_loader) // accum
     if G['max_steps_per_epoch']:
@@ -122,8 +122,9 @@ def plan_steps(cfg, env, train_set, train_loader) -> dict:
     if steps_per_epoch < 1:
         raise ConfigError(f'{len(train_set)} training images make no full optimizer step of {global_batch} images: '
                           f'lower Optimizer.global_batch_size or Data.batch_size')
-    return {'accum': accum, 'global_batch': global_batch, 'batch_size': D['batch_size'],
-            'world_size': env.world_size, 'train_images': len(train_set), 'steps_per_epoch': steps_per_epoch,
+    return {'accum': accum, 'accum_capped': accum < wanted, 'global_batch': global_batch,
+            'batch_size': D['batch_size'], 'world_size': env.world_size, 'train_images': len(train_set),
+            'steps_per_epoch': steps_per_epoch,
             'total_steps': G['epochs'] * steps_per_epoch, 'warmup_steps': warmup_steps(cfg, steps_per_epoch),
             'peak_lr': O['lr'] * global_batch / O['base_batch_size']}  # linear scaling rule
 
@@ -438,7 +439,7 @@ def run_training(cfg: dict, env, stop: StopSignals, args, resume_cmd: str, log: 
              f'batch {plan["global_batch"]} = {D["batch_size"]} x {env.world_size} processes x {plan["accum"]} '
              f'accumulation; {plan["steps_per_epoch"]} steps/epoch, {plan["total_steps"]} steps; peak lr '
              f'{plan["peak_lr"]:.3g}')
-    if O['global_batch_size'] and plan['accum'] < round(O['global_batch_size'] / (D['batch_size'] * env.world_size)):
+    if plan['accum_capped']:
         log.info(f'global batch {plan["global_batch"]}, not Optimizer.global_batch_size {O["global_batch_size"]}: '
                  f'capped to the {len(train_set)} training images (one optimizer step per epoch)')
     schedule, warnings = schedule_lines(cfg, plan)
